@@ -1,0 +1,1 @@
+"""Export of model-zoo models: ONNX graphs and their parity checks."""

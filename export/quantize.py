@@ -1,0 +1,141 @@
+"""8-bit post-training quantization of ONNX graphs, behind one interface.
+
+``QUANTIZERS`` maps a method name to its class (after diffusers' quantizer mapping); each takes an fp32
+ONNX file and writes a quantized one. Calibration data comes from a :class:`CalibrationReader`, its own
+object, so any data source (training images, sampler trajectories) can feed any method.
+
+``int8-static``: onnxruntime static quantization in QDQ format — uint8 activations, int8 weights
+(the pairing onnxruntime recommends for x86 CPUs; VNNI cores need no reduced range), MinMax ranges
+from the calibration set. Only the weight-bearing linear layers (MatMul/Gemm/Conv with a constant
+weight) are quantized: activation×activation products such as SOFT's kernel matrices and its
+Newton–Raphson pseudo-inverse iterations stay fp32, since an 8-bit Newton iteration does not converge.
+"""
+
+from __future__ import annotations
+
+import abc
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+
+class CalibrationReader(CalibrationDataReader):
+    """Feeds calibration batches ``{input_name: array}`` to a quantizer; re-iterable via ``rewind``."""
+
+    def __init__(self, input_name: str, samples: np.ndarray, batch_size: int = 32):
+        if len(samples) == 0:
+            raise ValueError("calibration needs at least one sample")
+        self.input_name = input_name
+        self.samples = np.ascontiguousarray(samples, dtype=np.float32)
+        self.batch_size = batch_size
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(0, len(self.samples), self.batch_size):
+            yield {self.input_name: self.samples[i : i + self.batch_size]}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._it is None:
+            self._it = self._batches()
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class Quantizer(abc.ABC):
+    """Turns an fp32 ONNX graph into an 8-bit one."""
+
+    name: ClassVar[str]
+    output_suffix: ClassVar[str]
+
+    @abc.abstractmethod
+    def quantize(self, src: Path, dst: Path, calibration: CalibrationReader) -> dict:
+        """Write the quantized graph to ``dst``; returns facts to record in the artifact."""
+
+
+def weight_bearing_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of MatMul/Gemm/Conv nodes whose second input is a constant (an initializer)."""
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 and n.input[1] in constants
+    ]
+
+
+class Int8StaticQuantizer(Quantizer):
+    name = "int8-static"
+    output_suffix = ".int8.onnx"
+
+    def __init__(self, per_channel: bool = False, method: str = "minmax"):
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}
+        if method not in methods:
+            raise ValueError(f"unknown calibration method {method!r}; valid: {sorted(methods)}")
+        self.per_channel = per_channel
+        self.method = method
+        self._method = methods[method]
+
+    def quantize(self, src: Path, dst: Path, calibration: CalibrationReader) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            prepped = Path(tmp) / "prepped.onnx"
+            quant_pre_process(str(src), str(prepped), skip_symbolic_shape=False)
+            nodes = weight_bearing_nodes(onnx.load(str(prepped)))
+            if not nodes:
+                raise RuntimeError(f"{src}: no MatMul/Gemm/Conv node with constant weights to quantize")
+            calibration.rewind()
+            quantize_static(
+                str(prepped),
+                str(dst),
+                calibration,
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=self.per_channel,
+                calibrate_method=self._method,
+                nodes_to_quantize=nodes,
+            )
+        return {
+            "method": self.name,
+            "format": "QDQ",
+            "activations": "uint8",
+            "weights": "int8",
+            "per_channel": self.per_channel,
+            "calibration": {"method": self.method, "samples": len(calibration)},
+            "quantized_nodes": len(nodes),
+        }
+
+
+QUANTIZERS: dict[str, type[Quantizer]] = {Int8StaticQuantizer.name: Int8StaticQuantizer}
+
+
+def get_quantizer(name: str, **kwargs) -> Quantizer:
+    try:
+        return QUANTIZERS[name](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown quantization method {name!r}; valid: {sorted(QUANTIZERS)}") from None
+
+
+def _register_tensorrt() -> None:
+    from export.tensorrt import FP16TensorRT, Int8TensorRT  # imports tensorrt lazily, only when building
+
+    QUANTIZERS.update({FP16TensorRT.name: FP16TensorRT, Int8TensorRT.name: Int8TensorRT})
+
+
+_register_tensorrt()

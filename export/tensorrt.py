@@ -1,0 +1,87 @@
+"""TensorRT engine builds (fp16 and int8) from an exported ONNX graph.
+
+Needs a CUDA GPU and the ``tensorrt`` package (``pip install -e .[gpu]``). :func:`tensorrt_status`
+says whether both are present and, if not, why — callers print that as a clear skip message.
+
+int8 uses explicit quantization: the engine is built from the QDQ graph that ``int8-static`` wrote,
+so TensorRT reuses the same calibrated scales rather than running its own (deprecated) calibrator.
+fp16 builds set the FP16 builder flag where the TensorRT version still has weakly-typed precision
+flags; on versions that only build strongly-typed networks, the graph is converted to fp16 first
+(inputs and outputs stay fp32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from export.quantize import CalibrationReader, Quantizer
+from kiln.accelerators import tensorrt_status
+
+MAX_BATCH = 64  # the optimisation profile covers batch 1..MAX_BATCH, tuned for OPT_BATCH
+OPT_BATCH = 32
+
+
+def build_engine(onnx_path: Path, plan_path: Path, precision: str) -> dict:
+    """Build and serialise a TensorRT engine with a dynamic-batch optimisation profile."""
+    if precision not in ("fp16", "int8"):
+        raise ValueError(f"unknown TensorRT precision {precision!r}; valid: ['fp16', 'int8']")
+    ok, reason = tensorrt_status()
+    if not ok:
+        raise RuntimeError(f"cannot build a TensorRT engine: {reason}")
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    weakly_typed = hasattr(trt.BuilderFlag, "FP16")
+    graph = Path(onnx_path).read_bytes()
+    if precision == "fp16" and not weakly_typed:
+        import onnx
+        from onnxconverter_common import float16
+
+        graph = float16.convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True).SerializeToString()
+    flags = 0 if weakly_typed else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(graph):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 30)
+    if weakly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        rest = tuple(tensor.shape)[1:]
+        profile.set_shape(tensor.name, (1, *rest), (OPT_BATCH, *rest), (MAX_BATCH, *rest))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build a {precision} engine from {onnx_path} (see log above)")
+    Path(plan_path).write_bytes(bytes(serialized))
+    return {"precision": precision, "tensorrt": trt.__version__, "max_batch": MAX_BATCH, "opt_batch": OPT_BATCH}
+
+
+class _TensorRTBuild(Quantizer):
+    precision: ClassVar[str]
+    source: ClassVar[str]  # which exported ONNX graph the engine is built from
+
+    def quantize(self, src: Path, dst: Path, calibration: CalibrationReader | None = None) -> dict:
+        return {"method": self.name, "source": self.source, **build_engine(src, dst, self.precision)}
+
+
+class FP16TensorRT(_TensorRTBuild):
+    name = "fp16-trt"
+    output_suffix = ".fp16.plan"
+    precision = "fp16"
+    source = "onnx"
+
+
+class Int8TensorRT(_TensorRTBuild):
+    name = "int8-trt"
+    output_suffix = ".int8.plan"
+    precision = "int8"
+    source = "int8-static"  # explicit quantization: built from the QDQ graph

@@ -1,0 +1,205 @@
+"""The ``kiln`` command line: train, export, serve, manage models, benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Kiln: train research models on bundled data, export them to ONNX / int8 / TensorRT, and serve "
+    "them over HTTP and gRPC (Open Inference Protocol) with Prometheus metrics.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+models_app = typer.Typer(help="List, inspect and delete artifacts in the model store.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+class Format(str, Enum):
+    onnx = "onnx"
+    int8_static = "int8-static"
+    fp16_trt = "fp16-trt"
+    int8_trt = "int8-trt"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help="Recipe to train: vit-soft, vit-soft-norm or vit-softmax.")],
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override the recipe's epoch count.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation.")] = 0,
+    export: Annotated[bool, typer.Option("--export/--no-export", help="Export ONNX + int8 afterwards.")] = False,
+) -> None:
+    """Train a model on bundled data and save it to the model store (best-on-validation weights)."""
+    from training.recipes import RECIPES
+    from training.trainer import train as run_training
+
+    if model not in RECIPES:
+        _fail(f"unknown model {model!r}; trainable: {', '.join(sorted(RECIPES))}")
+    result = run_training(model, epochs=epochs, seed=seed)
+    typer.echo(
+        f"saved {result.artifact.tag}: val acc {result.val_accuracy:.4f}, test acc {result.test_accuracy:.4f}, "
+        f"{result.seconds:.0f}s"
+    )
+    if export:
+        _export(result.artifact.tag, [f.value for f in Format])
+
+
+def _export(tag: str, formats: list[str]) -> None:
+    from export.pipeline import ExportError, export_artifact
+    from kiln.artifacts import ArtifactError
+
+    try:
+        export_artifact(tag, formats, log=typer.echo)
+    except (ArtifactError, ExportError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[str, typer.Argument(help="Artifact to export: NAME (latest) or NAME:VERSION.")],
+    formats: Annotated[
+        list[Format] | None,
+        typer.Option("--format", "-f", help="Format(s) to build; repeatable. Default: all (TensorRT only on GPU)."),
+    ] = None,
+) -> None:
+    """Export an artifact: ONNX (parity-checked), int8 static PTQ (QDQ), TensorRT fp16/int8 engines.
+
+    Every format is stored under the artifact's model-store tag; its parity/accuracy go into kiln.json.
+    """
+    _export(model, [f.value for f in (formats or list(Format))])
+
+
+@app.command()
+def serve(
+    models: Annotated[str, typer.Option(help="Comma-separated model names or NAME:VERSION tags.")] = "vit-soft,vit-softmax",
+    backend: Annotated[str, typer.Option(help="Default runtime: onnxruntime, onnxruntime-int8, pytorch, tensorrt-fp16, tensorrt-int8.")] = "onnxruntime",
+    host: Annotated[str, typer.Option(help="Address to bind HTTP and gRPC to.")] = "0.0.0.0",
+    http_port: Annotated[int, typer.Option(help="HTTP port (task endpoints, /v2, /metrics).")] = 3000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC Open Inference Protocol port; 0 disables it.")] = 8001,
+    batch_max_size: Annotated[int, typer.Option(min=1, help="Adaptive batching: max samples per batch; 1 = off.")] = 32,
+    batch_window_ms: Annotated[float, typer.Option(min=0, help="Adaptive batching: max wait for a batch to fill.")] = 2.0,
+    max_request_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED.")] = 8 * 1024 * 1024,
+    workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
+    train_missing: Annotated[bool, typer.Option("--train/--no-train", help="Train and export default models the store lacks.")] = True,
+) -> None:
+    """Serve models over HTTP (BentoML) and gRPC, training and exporting missing ones first."""
+    from serving.config import ConfigError, ServeConfig
+
+    env = {
+        "KILN_MODELS": models, "KILN_BACKEND": backend, "KILN_HOST": host, "KILN_HTTP_PORT": str(http_port),
+        "KILN_GRPC_PORT": str(grpc_port), "KILN_BATCH_MAX_SIZE": str(batch_max_size),
+        "KILN_BATCH_WINDOW_MS": str(batch_window_ms), "KILN_MAX_REQUEST_BYTES": str(max_request_bytes),
+        "KILN_WORKERS": str(workers),
+    }
+    os.environ.update(env)
+    try:
+        config = ServeConfig.from_env()
+    except ConfigError as exc:
+        _fail(str(exc))
+    _ensure_models(config.models, train_missing)
+    typer.echo(f"HTTP  http://localhost:{http_port}  (POST /classify, /v2/..., GET /metrics)")
+    if grpc_port:
+        typer.echo(f"gRPC  localhost:{grpc_port}  (inference.GRPCInferenceService)")
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:Kiln", "--host", host, "--port", str(http_port)]
+    os.execv(sys.executable, cmd)
+
+
+def _ensure_models(tags: tuple[str, ...], train_missing: bool) -> None:
+    from kiln.artifacts import ArtifactError, get_artifact
+
+    for tag in tags:
+        try:
+            art = get_artifact(tag)
+        except ArtifactError as exc:
+            from training.recipes import RECIPES
+
+            if ":" in tag or tag not in RECIPES or not train_missing:
+                _fail(str(exc))
+            typer.echo(f"{tag}: not in the model store; training it (first run only)")
+            from training.trainer import train as run_training
+
+            art = run_training(tag).artifact
+        missing = [f for f in ("onnx", "int8-static") if not art.export(f)]
+        if missing:
+            if not train_missing:
+                _fail(f"{art.tag} lacks exports {missing}; run `kiln export {art.tag}`")
+            _export(art.tag, missing)
+
+
+@models_app.command("list")
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List Kiln artifacts, newest first."""
+    from kiln.artifacts import list_artifacts
+
+    arts = list_artifacts()
+    if as_json:
+        typer.echo(json.dumps([{"tag": a.tag, **a.manifest} for a in arts], indent=2))
+        return
+    if not arts:
+        typer.echo("no models yet: `kiln train vit-soft` or `make serve` creates them")
+        return
+    typer.echo(f"{'TAG':<34} {'ARCHITECTURE':<20} {'TEST ACC':>8}  EXPORTS")
+    for a in arts:
+        acc = a.manifest.get("metrics", {}).get("test_accuracy")
+        acc_s = f"{acc:.4f}" if acc is not None else "-"
+        typer.echo(f"{a.tag:<34} {a.manifest.get('architecture', '?'):<20} {acc_s:>8}  {','.join(a.manifest.get('exports', {})) or '-'}")
+
+
+@models_app.command("show")
+def models_show(tag: Annotated[str, typer.Argument(help="NAME (latest) or NAME:VERSION.")]) -> None:
+    """Print an artifact's manifest: config, metrics, exports, code version."""
+    from kiln.artifacts import ArtifactError, get_artifact
+
+    try:
+        art = get_artifact(tag)
+    except ArtifactError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"tag": art.tag, "path": str(art.path), **art.manifest}, indent=2))
+
+
+@models_app.command("delete")
+def models_delete(
+    tag: Annotated[str, typer.Argument(help="NAME:VERSION to delete (NAME alone deletes the latest).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete an artifact and all its exported formats from the model store."""
+    from kiln.artifacts import ArtifactError, delete_artifact, get_artifact
+
+    try:
+        art = get_artifact(tag)
+    except ArtifactError as exc:
+        _fail(str(exc))
+    if not yes and not typer.confirm(f"delete {art.tag} and all its exports?"):
+        raise typer.Exit(code=1)
+    delete_artifact(art.tag)
+    typer.echo(f"deleted {art.tag}")
+
+
+@app.command()
+def bench(
+    suite: Annotated[str, typer.Argument(help="Benchmark suite: vit.")] = "vit",
+    quick: Annotated[bool, typer.Option(help="Fewer repetitions and sizes (a smoke run; not for the record).")] = False,
+    output: Annotated[str, typer.Option(help="Markdown file to update.")] = "BENCHMARKS.md",
+) -> None:
+    """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""
+    if suite != "vit":
+        _fail(f"unknown benchmark suite {suite!r}; valid: vit")
+    from benchmarks.vit import run
+
+    run(quick=quick, output=output, command=" ".join(["kiln", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,34 @@
+"""Where Kiln keeps its state.
+
+``KILN_HOME`` (default: ``.kiln/`` at the repository root for a source checkout, else ``./.kiln``)
+holds BentoML's model store (``$KILN_HOME/bentoml``) and training runs (``$KILN_HOME/runs``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def kiln_home() -> Path:
+    """The state directory: ``$KILN_HOME`` if set, else project-local ``.kiln``."""
+    env = os.environ.get("KILN_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    if (_REPO_ROOT / "pyproject.toml").is_file():
+        return _REPO_ROOT / ".kiln"
+    return Path.cwd() / ".kiln"
+
+
+def configure_environment() -> Path:
+    """Point BentoML at ``$KILN_HOME/bentoml`` and turn its usage tracking off; returns KILN_HOME.
+
+    Must run before ``bentoml`` is first imported: BentoML reads ``BENTOML_HOME`` once.
+    """
+    home = kiln_home()
+    os.environ["KILN_HOME"] = str(home)
+    os.environ["BENTOML_HOME"] = str(home / "bentoml")
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no network calls from a model server
+    return home

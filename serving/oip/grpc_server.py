@@ -1,0 +1,288 @@
+"""Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on ``grpc.aio``.
+
+Implements the six RPCs of KServe's ``grpc_predict_v2.proto`` (ServerLive, ServerReady, ModelReady,
+ServerMetadata, ModelMetadata, ModelInfer); Triton's clients (``tritonclient.grpc``) call the same
+methods with wire-compatible messages. Inputs come as ``raw_input_contents`` or typed ``contents``;
+outputs always go back as ``raw_output_contents``. ``parameters["backend"]`` (string) picks the runtime.
+
+:class:`~serving.repository.InferenceError` statuses map to gRPC codes (400 INVALID_ARGUMENT,
+404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE); a request over ``max_message_bytes`` is refused
+by gRPC itself (RESOURCE_EXHAUSTED); a request that is not a valid protobuf message gets
+INVALID_ARGUMENT; anything unexpected is logged and returned as INTERNAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from kiln import __version__ as _KILN_VERSION
+from serving.metrics import UNKNOWN_MODEL, record_request
+from serving.oip import codec
+from serving.oip.http import EXTENSIONS
+from serving.oip.proto import grpc_predict_v2_pb2 as pb
+from serving.oip.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from serving.repository import InferenceError, ModelRepository, ServedModel, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+_STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+# Typed-contents field holding each datatype (grpc_predict_v2.proto, InferTensorContents).
+# FP16 has none: it can only be sent as raw_input_contents.
+_CONTENTS_FIELDS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The ``GRPCInferenceService`` RPCs over a :class:`~serving.repository.ModelRepository`.
+
+    Args:
+        repo: The loaded models.
+        server_name: ``name`` in the server metadata.
+        server_version: ``version`` in the server metadata.
+    """
+
+    def __init__(
+        self, repo: ModelRepository, *, server_name: str = "kiln", server_version: str = _KILN_VERSION
+    ):
+        self.repo = repo
+        self.server_name = server_name
+        self.server_version = server_version
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        """The server answers, so it is live."""
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        """Ready when every loaded model is ready."""
+        return pb.ServerReadyResponse(ready=self.repo.ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        """Whether one model (version) is ready; NOT_FOUND for an unknown one."""
+        model = await _lookup(self.repo, request.name, request.version, context)
+        return pb.ModelReadyResponse(ready=model.ready())
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        """Server name, version and extensions (the same as over HTTP)."""
+        return pb.ServerMetadataResponse(
+            name=self.server_name, version=self.server_version, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        """A model's versions, platform, inputs and outputs; NOT_FOUND for an unknown one."""
+        model = await _lookup(self.repo, request.name, request.version, context)
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=sorted(self.repo.models[model.name]),
+            platform=model.platform,
+            inputs=[_tensor_metadata(spec) for spec in model.inputs],
+            outputs=[_tensor_metadata(spec) for spec in model.outputs],
+        )
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        """Validate, run and encode one inference request; records its metrics with protocol "grpc"."""
+        start = time.perf_counter()
+        labels = (UNKNOWN_MODEL, "", "")
+        ok = False
+        failure: tuple[grpc.StatusCode, str] | None = None
+        try:
+            model = self.repo.get(request.model_name, request.model_version)
+            parameters = _parameters(request.parameters)
+            backend = parameters.get("backend")
+            if backend is not None and not isinstance(backend, str):
+                raise InferenceError(400, f"parameter 'backend' must be a string, got {backend!r}")
+            backend = backend or None
+            labels = (model.name, model.version, codec.backend_label(model, backend))
+            codec.require_ready(model)
+            arrays = codec.decode_inputs(model, _request_tensors(request))
+            requested = [codec.requested_output(o.name, _parameters(o.parameters)) for o in request.outputs]
+            selected = codec.select_outputs(model, requested)
+            results = await model.infer(arrays, backend=backend)
+            response = _infer_response(model, request.id, codec.encode_outputs(model, results, selected))
+            ok = True
+            return response
+        except InferenceError as exc:
+            failure = (_STATUS_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+        except Exception as exc:
+            logger.exception("unhandled error serving ModelInfer for %r", request.model_name)
+            failure = (grpc.StatusCode.INTERNAL, f"internal server error: {type(exc).__name__}: {exc}")
+        finally:
+            record_request(*labels, "grpc", ok, time.perf_counter() - start)
+        await context.abort(*failure)  # outside the except blocks: abort() raises to end the RPC
+
+
+async def start_grpc_server(
+    repo: ModelRepository,
+    *,
+    host: str = "0.0.0.0",
+    port: int,
+    max_message_bytes: int,
+    server_name: str = "kiln",
+    server_version: str = _KILN_VERSION,
+) -> grpc.aio.Server:
+    """Start the gRPC Open Inference Protocol server on ``host:port``.
+
+    Args:
+        repo: The loaded models.
+        host: Interface to listen on.
+        port: TCP port to listen on.
+        max_message_bytes: Largest request message accepted; gRPC refuses bigger ones with
+            RESOURCE_EXHAUSTED before they reach the servicer.
+        server_name: ``name`` in the server metadata.
+        server_version: ``version`` in the server metadata.
+
+    Returns:
+        The started server; stop it with ``await server.stop(grace)``.
+
+    Raises:
+        ValueError: ``max_message_bytes`` is not positive.
+        RuntimeError: the address could not be bound.
+    """
+    if max_message_bytes <= 0:
+        raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)])
+    servicer = InferenceServicer(repo, server_name=server_name, server_version=server_version)
+    server.add_generic_rpc_handlers([_service_handler(servicer)])
+    address = f"{host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"could not bind the gRPC server to {address}; is the port in use?")
+    await server.start()
+    logger.info("Open Inference Protocol gRPC server listening on %s", address)
+    return server
+
+
+def _service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The service's method handlers, each parsing its own request so that malformed bytes get
+    INVALID_ARGUMENT (gRPC's own deserialisation failure would surface as INTERNAL)."""
+    methods = {
+        "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+        "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+        "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            _parsing(getattr(servicer, name), request_type),
+            request_deserializer=None,  # raw bytes: parsed by _parsing
+            response_serializer=response_type.SerializeToString,
+        )
+        for name, (request_type, response_type) in methods.items()
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _parsing(
+    method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]], request_type: type[Message]
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        try:
+            request = request_type.FromString(raw)
+        except DecodeError as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"malformed {request_type.DESCRIPTOR.full_name} message: {exc}",
+            )
+        return await method(request, context)
+
+    return handler
+
+
+async def _lookup(
+    repo: ModelRepository, name: str, version: str, context: grpc.aio.ServicerContext
+) -> ServedModel:
+    try:
+        return repo.get(name, version)
+    except InferenceError as exc:
+        await context.abort(_STATUS_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+        raise  # not reached: abort() raises
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=spec.datatype, shape=list(spec.shape)
+    )
+
+
+def _parameters(parameters: Any) -> dict[str, Any]:
+    """An ``InferParameter`` map as plain Python values (unset parameters are left out)."""
+    values = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        if choice is not None:
+            values[key] = getattr(parameter, choice)
+    return values
+
+
+def _request_tensors(request: pb.ModelInferRequest) -> list[codec.RequestTensor]:
+    """Pair each input with its raw contents or typed contents."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InferenceError(
+            400, f"raw_input_contents has {len(raw)} entries but the request has {len(request.inputs)} inputs"
+        )
+    tensors = []
+    for index, tensor in enumerate(request.inputs):
+        if raw:
+            if tensor.HasField("contents"):
+                raise InferenceError(
+                    400, f"input {tensor.name!r} has typed contents but the request uses raw_input_contents"
+                )
+            data: Any = raw[index]
+        else:
+            field = _CONTENTS_FIELDS.get(tensor.datatype)
+            if field is None and tensor.datatype == "FP16":
+                raise InferenceError(
+                    400,
+                    f"input {tensor.name!r}: FP16 has no typed contents field; send it in raw_input_contents",
+                )
+            # An unknown datatype leaves no data here; decode_inputs reports the datatype first.
+            data = list(getattr(tensor.contents, field)) if field else None
+        tensors.append(codec.RequestTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
+    return tensors
+
+
+def _infer_response(
+    model: ServedModel, request_id: str, tensors: list[codec.ResponseTensor]
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request_id)
+    for tensor in tensors:
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
+        response.raw_output_contents.append(codec.to_bytes(tensor.array, tensor.datatype))
+    return response

@@ -1,0 +1,153 @@
+"""Runtimes that execute one exported format of an artifact on a batch of numpy inputs.
+
+``onnxruntime`` (fp32 graph) and ``onnxruntime-int8`` (QDQ graph) use the CUDA and TensorRT execution
+providers when onnxruntime-gpu and a GPU are present, else the CPU provider; ``pytorch`` rebuilds the
+model from its config and safetensors weights; ``tensorrt-fp16`` / ``tensorrt-int8`` run serialized
+engines (CUDA GPU + ``tensorrt`` package). :func:`available_backends` says which an artifact supports here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+import numpy as np
+
+from kiln.accelerators import tensorrt_status
+from kiln.artifacts import Artifact, load_torch_model
+
+log = logging.getLogger("kiln.serving")
+
+_ONNX_FILES = {"onnxruntime": "onnx", "onnxruntime-int8": "int8-static"}
+_TRT_FILES = {"tensorrt-fp16": "fp16-trt", "tensorrt-int8": "int8-trt"}
+PLATFORMS = {
+    "onnxruntime": "onnxruntime_onnx",
+    "onnxruntime-int8": "onnxruntime_onnx",
+    "pytorch": "pytorch_libtorch",
+    "tensorrt-fp16": "tensorrt_plan",
+    "tensorrt-int8": "tensorrt_plan",
+}
+
+
+class Runtime(Protocol):
+    backend: str
+    load_seconds: float
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class OnnxRuntime:
+    def __init__(self, art: Artifact, backend: str, threads: int):
+        import onnxruntime as ort
+
+        t0 = time.perf_counter()
+        self.backend = backend
+        path = art.file(art.export(_ONNX_FILES[backend])["file"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = [p for p in preferred if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.providers = self.session.get_providers()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.load_seconds = time.perf_counter() - t0
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
+
+
+class TorchRuntime:
+    backend = "pytorch"
+
+    def __init__(self, art: Artifact, threads: int):
+        import torch
+
+        t0 = time.perf_counter()
+        torch.set_num_threads(threads)
+        self._torch = torch
+        self.model = load_torch_model(art)
+        self.input_names = [t["name"] for t in art.manifest["inputs"]]
+        self.output_names = [t["name"] for t in art.manifest["outputs"]]
+        self.load_seconds = time.perf_counter() - t0
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._torch.inference_mode():
+            out = self.model(*(self._torch.from_numpy(inputs[n]) for n in self.input_names))
+        outs = out if isinstance(out, tuple) else (out,)
+        return {n: o.numpy() for n, o in zip(self.output_names, outs, strict=True)}
+
+
+class TensorRTRuntime:
+    """Runs a serialized TensorRT engine; device buffers are torch CUDA tensors."""
+
+    def __init__(self, art: Artifact, backend: str):
+        import tensorrt as trt
+        import torch
+
+        t0 = time.perf_counter()
+        self.backend = backend
+        self._torch = torch
+        plan = art.file(art.export(_TRT_FILES[backend])["file"]).read_bytes()
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise RuntimeError(f"{art.tag}: TensorRT could not deserialize the {backend} engine")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.max_batch = self.engine.get_tensor_profile_shape(self.input_names[0], 0)[2][0]
+        self.stream = torch.cuda.Stream()
+        self.load_seconds = time.perf_counter() - t0
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(next(iter(inputs.values())))
+        chunks = [self._run_chunk({k: v[i : i + self.max_batch] for k, v in inputs.items()})
+                  for i in range(0, n, self.max_batch)]
+        return {k: np.concatenate([c[k] for c in chunks]) for k in self.output_names}
+
+    def _run_chunk(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.cuda.stream(self.stream):
+            keep = {}
+            for name in self.input_names:
+                t = torch.from_numpy(np.ascontiguousarray(inputs[name])).cuda(non_blocking=True)
+                keep[name] = t
+                self.context.set_input_shape(name, tuple(t.shape))
+                self.context.set_tensor_address(name, t.data_ptr())
+            outs = {}
+            for name in self.output_names:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+                self.context.set_tensor_address(name, outs[name].data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+        self.stream.synchronize()
+        return {k: v.cpu().numpy() for k, v in outs.items()}
+
+
+def available_backends(art: Artifact) -> dict[str, str]:
+    """backend → '' if loadable here, else the reason it is not."""
+    out = {}
+    for backend, fmt in _ONNX_FILES.items():
+        out[backend] = "" if art.export(fmt) else f"not exported (kiln export {art.name} --format {fmt})"
+    out["pytorch"] = ""
+    trt_ok, reason = tensorrt_status()
+    for backend, fmt in _TRT_FILES.items():
+        if not art.export(fmt):
+            out[backend] = f"not exported (kiln export {art.name} --format {fmt})"
+        else:
+            out[backend] = "" if trt_ok else reason
+    return out
+
+
+def load_runtime(art: Artifact, backend: str, threads: int) -> Runtime:
+    if backend in _ONNX_FILES:
+        return OnnxRuntime(art, backend, threads)
+    if backend == "pytorch":
+        return TorchRuntime(art, threads)
+    if backend in _TRT_FILES:
+        return TensorRTRuntime(art, backend)
+    raise ValueError(f"unknown backend {backend!r}; valid: {list(PLATFORMS)}")

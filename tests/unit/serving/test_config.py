@@ -1,0 +1,26 @@
+import pytest
+
+from serving.config import ConfigError, ServeConfig
+
+
+def test_defaults(monkeypatch):
+    for k in ("KILN_MODELS", "KILN_BACKEND", "KILN_HTTP_PORT", "KILN_BATCH_MAX_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = ServeConfig.from_env()
+    assert cfg.models == ("vit-soft", "vit-softmax") and cfg.backend == "onnxruntime" and cfg.http_port == 3000
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("KILN_BACKEND", "tensorflow", "valid:"),
+        ("KILN_HTTP_PORT", "http", "not an integer"),
+        ("KILN_BATCH_MAX_SIZE", "0", ">= 1"),
+        ("KILN_BATCH_WINDOW_MS", "-1", ">= 0"),
+        ("KILN_MODELS", " , ", "at least one model"),
+    ],
+)
+def test_bad_values_fail_at_startup_with_a_fix(monkeypatch, var, value, message):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig.from_env()
