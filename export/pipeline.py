@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from tqdm.auto import tqdm
 
 from export.onnx import export_onnx, max_abs_diff
@@ -66,7 +67,7 @@ def export_artifact(
             model = load_torch_model(art)
             val_x, _ = split_inputs("val", size)
             path = art.file("model.onnx")
-            export_onnx(model, val_x[:2], path, input_name=input_name, output_name=output_name)
+            export_onnx(model, torch.from_numpy(val_x[:2]), path, input_name=input_name, output_name=output_name)
             diff = max_abs_diff(model, path, val_x[:PARITY_SAMPLES])
             if not diff <= atol:  # also catches NaN
                 path.unlink(missing_ok=True)

@@ -95,7 +95,8 @@ class Int8StaticQuantizer(Quantizer):
     def quantize(self, src: Path, dst: Path, calibration: CalibrationReader) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             prepped = Path(tmp) / "prepped.onnx"
-            quant_pre_process(str(src), str(prepped), skip_symbolic_shape=False)
+            # Symbolic shape inference cannot follow SOFT's Newton iterations; ONNX shape inference suffices.
+            quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
             nodes = weight_bearing_nodes(onnx.load(str(prepped)))
             if not nodes:
                 raise RuntimeError(f"{src}: no MatMul/Gemm/Conv node with constant weights to quantize")

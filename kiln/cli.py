@@ -15,6 +15,7 @@ app = typer.Typer(
     "them over HTTP and gRPC (Open Inference Protocol) with Prometheus metrics.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
 models_app = typer.Typer(help="List, inspect and delete artifacts in the model store.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -91,6 +92,7 @@ def serve(
     max_request_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED.")] = 8 * 1024 * 1024,
     workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
     train_missing: Annotated[bool, typer.Option("--train/--no-train", help="Train and export default models the store lacks.")] = True,
+    train_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs for models trained here (default: the recipe's).")] = None,
 ) -> None:
     """Serve models over HTTP (BentoML) and gRPC, training and exporting missing ones first."""
     from serving.config import ConfigError, ServeConfig
@@ -106,7 +108,7 @@ def serve(
         config = ServeConfig.from_env()
     except ConfigError as exc:
         _fail(str(exc))
-    _ensure_models(config.models, train_missing)
+    _ensure_models(config.models, train_missing, train_epochs)
     typer.echo(f"HTTP  http://localhost:{http_port}  (POST /classify, /v2/..., GET /metrics)")
     if grpc_port:
         typer.echo(f"gRPC  localhost:{grpc_port}  (inference.GRPCInferenceService)")
@@ -114,7 +116,7 @@ def serve(
     os.execv(sys.executable, cmd)
 
 
-def _ensure_models(tags: tuple[str, ...], train_missing: bool) -> None:
+def _ensure_models(tags: tuple[str, ...], train_missing: bool, epochs: int | None) -> None:
     from kiln.artifacts import ArtifactError, get_artifact
 
     for tag in tags:
@@ -128,7 +130,7 @@ def _ensure_models(tags: tuple[str, ...], train_missing: bool) -> None:
             typer.echo(f"{tag}: not in the model store; training it (first run only)")
             from training.trainer import train as run_training
 
-            art = run_training(tag).artifact
+            art = run_training(tag, epochs=epochs).artifact
         missing = [f for f in ("onnx", "int8-static") if not art.export(f)]
         if missing:
             if not train_missing:

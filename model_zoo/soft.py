@@ -159,10 +159,12 @@ class _NewtonPinv(torch.autograd.Function):
 def newton_pinv(a: torch.Tensor, iters: int = 20) -> torch.Tensor:
     """Moore-Penrose inverse of a batch of square matrices by Newton-Raphson iterations.
 
-    ``V0 = alpha A^T``, halving alpha (at most 10 times) until ``||I - A V0||_1 <= 1.01``, then
-    ``V <- 2V - V A V`` for ``iters`` steps. Converges quadratically once the residual is small; with
-    condition number kappa it needs about ``log2(kappa^2)`` steps before that, so for ill-conditioned A
-    the small singular values are not inverted in 20 steps (the result is then a regularised inverse).
+    ``V0 = alpha A^T`` from ``alpha = 1 / (||A||_1 ||A||_inf)`` (the paper's ``2 / (max row sum)^2``
+    halved once, see ``_initial_alpha``), halving alpha (at most 10 times) until the max-column-sum norm
+    ``||I - A V0||_1 <= 1.01``, then ``V <- 2V - V A V`` for ``iters`` steps. Converges quadratically
+    once the residual is small; with condition number kappa it needs about ``log2(kappa^2)`` steps before
+    that, so for ill-conditioned A the small singular values are not inverted in 20 steps (the result is
+    then a regularised inverse).
 
     In the default form the backward pass is the analytic pinv gradient; in the exportable form (see
     :func:`set_exportable`) autograd differentiates the unrolled iterations instead.

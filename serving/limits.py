@@ -9,10 +9,6 @@ from __future__ import annotations
 import json
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -30,28 +26,30 @@ class BodyLimitMiddleware:
                 if length > self.max_bytes:
                     return await self._reply(send, 413, self._message(length))
         received = 0
-        started = False
+        started = replied = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, replied
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge
+                    if not started and not replied:
+                        replied = True
+                        await self._reply(send, 413, self._message(received))
+                    # Tell the app the client is gone so it stops reading; its reply is dropped below.
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message):
+        async def guarded_send(message):
             nonlocal started
+            if replied:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._reply(send, 413, self._message(received))
+        await self.app(scope, limited_receive, guarded_send)
 
     def _message(self, size: int) -> str:
         return (

@@ -26,7 +26,7 @@ from serving.config import ServeConfig
 from serving.limits import BodyLimitMiddleware
 from serving.model import LoadedModel
 from serving.oip.grpc_server import start_grpc_server
-from serving.oip.http import create_oip_app
+from serving.oip.http import MountRootMiddleware, create_oip_app
 from serving.repository import InferenceError, ModelRepository
 
 log = logging.getLogger("kiln.serving")
@@ -94,7 +94,11 @@ class Kiln:
     async def start_grpc(self) -> None:
         if CONFIG.grpc_port:
             self.grpc_server = await start_grpc_server(
-                REPOSITORY, host=CONFIG.host, port=CONFIG.grpc_port, max_message_bytes=CONFIG.max_request_bytes
+                REPOSITORY,
+                host=CONFIG.host,
+                port=CONFIG.grpc_port,
+                max_message_bytes=CONFIG.max_request_bytes,
+                share_port=CONFIG.workers > 1,  # each worker process serves gRPC on the same port
             )
             log.info("gRPC Open Inference Protocol on %s:%d", CONFIG.host, CONFIG.grpc_port)
 
@@ -142,3 +146,4 @@ class Kiln:
 
 
 Kiln.add_asgi_middleware(BodyLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
+Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/v2")  # GET /v2 answers, not 307 → /v2/

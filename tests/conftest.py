@@ -34,3 +34,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def kiln_home() -> Path:
     return _SESSION_HOME
+
+
+from serverproc import start_server, stop_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def server(kiln_home):
+    """`kiln serve` on an empty store: trains (2 epochs) and exports the default models, then serves.
+
+    This is the first-run path of `make serve`, shortened only in epochs.
+    """
+    srv = start_server(kiln_home, "--train-epochs", "2", "--batch-window-ms", "5")
+    yield srv
+    stop_server(srv.process)

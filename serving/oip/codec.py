@@ -114,25 +114,26 @@ def decode_inputs(model: ServedModel, tensors: Sequence[RequestTensor]) -> dict[
     if missing:
         raise InferenceError(400, f"missing input(s) {missing} for model {model.name!r}")
 
+    shapes: dict[str, tuple[int, ...]] = {}
+    for tensor in tensors:  # every tensor's datatype and shape before any data
+        _check_datatype(model, specs[tensor.name], tensor.datatype)
+        shapes[tensor.name] = _check_shape(model, specs[tensor.name], tensor.shape)
+    if model.max_batch_size > 0 and len({shape[0] for shape in shapes.values() if shape}) > 1:
+        batch_sizes = {name: shape[0] for name, shape in shapes.items() if shape}
+        raise InferenceError(400, f"inputs disagree on the batch size (first dimension): {batch_sizes}")
+
     arrays: dict[str, np.ndarray] = {}
-    batch_sizes: dict[str, int] = {}
     for tensor in tensors:
-        spec = specs[tensor.name]
-        _check_datatype(model, spec, tensor.datatype)
-        shape = _check_shape(model, spec, tensor.shape)
-        if model.max_batch_size > 0:
-            batch_sizes[tensor.name] = shape[0]
+        datatype, shape = specs[tensor.name].datatype, shapes[tensor.name]
         if isinstance(tensor.data, bytes | bytearray | memoryview):
-            array = _from_binary(tensor.name, spec.datatype, shape, tensor.data)
+            array = _from_binary(tensor.name, datatype, shape, tensor.data)
         else:
-            array = _from_values(tensor.name, spec.datatype, shape, tensor.data)
+            array = _from_values(tensor.name, datatype, shape, tensor.data)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InferenceError(
                 400, f"input {tensor.name!r} contains NaN or infinite values, which are not allowed"
             )
         arrays[tensor.name] = array if array.flags.writeable else array.copy()
-    if len(set(batch_sizes.values())) > 1:
-        raise InferenceError(400, f"inputs disagree on the batch size (first dimension): {batch_sizes}")
     return arrays
 
 

@@ -154,6 +154,7 @@ async def start_grpc_server(
     max_message_bytes: int,
     server_name: str = "kiln",
     server_version: str = _KILN_VERSION,
+    share_port: bool = False,
 ) -> grpc.aio.Server:
     """Start the gRPC Open Inference Protocol server on ``host:port``.
 
@@ -165,6 +166,8 @@ async def start_grpc_server(
             RESOURCE_EXHAUSTED before they reach the servicer.
         server_name: ``name`` in the server metadata.
         server_version: ``version`` in the server metadata.
+        share_port: let several processes bind the same port (SO_REUSEPORT), as the server's worker
+            processes do when there is more than one; off, a busy port fails at start-up.
 
     Returns:
         The started server; stop it with ``await server.stop(grace)``.
@@ -175,11 +178,18 @@ async def start_grpc_server(
     """
     if max_message_bytes <= 0:
         raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)])
+    # so_reuseport off unless asked: a second server on a busy port must fail, not silently share it.
+    options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.so_reuseport", int(share_port))]
+    server = grpc.aio.server(options=options)
     servicer = InferenceServicer(repo, server_name=server_name, server_version=server_version)
     server.add_generic_rpc_handlers([_service_handler(servicer)])
     address = f"{host}:{port}"
-    if server.add_insecure_port(address) == 0:
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        await server.stop(None)
         raise RuntimeError(f"could not bind the gRPC server to {address}; is the port in use?")
     await server.start()
     logger.info("Open Inference Protocol gRPC server listening on %s", address)

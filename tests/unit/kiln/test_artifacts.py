@@ -4,7 +4,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kiln.artifacts import ArtifactError, delete_artifact, get_artifact, list_artifacts, load_torch_model, save_artifact
+from kiln.artifacts import (
+    ArtifactError,
+    delete_artifact,
+    get_artifact,
+    list_artifacts,
+    load_torch_model,
+    save_artifact,
+)
 from model_zoo import create_model
 
 

@@ -37,9 +37,9 @@ def test_newton_pinv_ill_conditioned():
     """20 steps do not invert the small singular values of an ill-conditioned kernel matrix.
 
     Newton-Schulz needs about log2(cond^2) steps before it converges quadratically, and the residual test
-    halves alpha 4-5 times on dense kernel matrices, so at cond ~1e3 the result is far from pinv(A) in
-    norm (that is dominated by the un-inverted small singular values), yet still satisfies the first
-    Penrose condition A V A = A to about 2%, and more steps do converge.
+    halves alpha about 7 times on these dense kernel matrices (each halving costs about one step), so at
+    cond ~1e3 the result is far from pinv(A) in norm (dominated by the un-inverted small singular
+    values), yet still satisfies the first Penrose condition A V A = A to about 2%; 40 steps converge.
     """
     a = _kernel_matrices(spread=0.3)
     assert torch.linalg.cond(a).min() > 1e3

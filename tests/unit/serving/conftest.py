@@ -43,7 +43,9 @@ class LinearDouble:
 
     async def infer(self, inputs: dict[str, np.ndarray], backend: str | None = None) -> dict[str, np.ndarray]:
         if backend not in (None, *self.backends):
-            raise InferenceError(400, f"model {self.name!r} has no backend {backend!r}; loaded: {self.backends}")
+            raise InferenceError(
+                400, f"model {self.name!r} has no backend {backend!r}; loaded: {self.backends}"
+            )
         self.calls.append(backend)
         y = linear_reference(inputs["x"]) * (2 if backend == "double" else 1)
         return {"y": y, "argmax": y.argmax(axis=1).astype(np.int64)}

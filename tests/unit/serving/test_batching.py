@@ -63,8 +63,9 @@ def test_failure_reaches_every_request_in_the_batch_and_batcher_survives():
     batcher = AdaptiveBatcher(rec, max_batch_size=4, window_ms=10, labels=LABELS)
 
     async def scenario():
-        results = await asyncio.gather(*(batcher.submit({"x": np.ones((1, 3), np.float32)}) for _ in range(4)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(batcher.submit({"x": np.ones((1, 3), np.float32)}) for _ in range(4)), return_exceptions=True
+        )
         assert all(isinstance(r, InferenceError) and r.status == 500 and "boom" in r.message for r in results)
         rec.fail = False
         out = await batcher.submit({"x": np.ones((1, 3), np.float32)})

@@ -7,7 +7,9 @@ def test_defaults(monkeypatch):
     for k in ("KILN_MODELS", "KILN_BACKEND", "KILN_HTTP_PORT", "KILN_BATCH_MAX_SIZE"):
         monkeypatch.delenv(k, raising=False)
     cfg = ServeConfig.from_env()
-    assert cfg.models == ("vit-soft", "vit-softmax") and cfg.backend == "onnxruntime" and cfg.http_port == 3000
+    assert (
+        cfg.models == ("vit-soft", "vit-softmax") and cfg.backend == "onnxruntime" and cfg.http_port == 3000
+    )
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import json
 import struct
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -13,10 +14,13 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount
-from starlette.testclient import TestClient
 
 from serving.oip import http as oip_http
 from serving.oip.http import MountRootMiddleware, create_oip_app
+
+with warnings.catch_warnings():  # Starlette 1.x deprecates its TestClient's httpx backend in favour of httpx2
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
 
 LIMIT = 64 * 1024
 X = [[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]]
@@ -68,6 +72,19 @@ def test_server_metadata_with_and_without_trailing_slash(client):
         response = client.get(path, follow_redirects=False)
         assert response.status_code == 200, path
         assert response.json() == {"name": "kiln", "version": "9.9", "extensions": oip_http.EXTENSIONS}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic deprecations inside BentoML's import
+def test_bentoml_passive_mount(repo):
+    """BentoML mounts ``bentoml.asgi_app`` apps with its own ``PassiveMount``; both forms of /v2 work."""
+    from _bentoml_impl.server.mount import PassiveMount
+
+    app = create_oip_app(repo, max_request_bytes=LIMIT)
+    parent = Starlette(routes=[PassiveMount("/v2", app)], middleware=[Middleware(MountRootMiddleware)])
+    with TestClient(parent) as c:
+        assert c.get("/v2", follow_redirects=False).json()["name"] == "kiln"
+        assert c.get("/v2/").json()["name"] == "kiln"
+        assert c.post("/v2/models/linear/infer", json=_infer_body()).status_code == 200
 
 
 def test_bare_v2_without_root_middleware_redirects_to_slash(repo):
@@ -124,7 +141,11 @@ def test_model_config_is_triton_like(client):
     assert config["output"][1] == {"name": "argmax", "data_type": "TYPE_INT64", "dims": []}
     assert config["backends"] == ["numpy", "double"]
     echo = client.get("/v2/models/echo/config").json()
-    assert echo["max_batch_size"] == 0 and echo["input"][0] == {"name": "text", "data_type": "TYPE_STRING", "dims": [-1]}
+    assert echo["max_batch_size"] == 0 and echo["input"][0] == {
+        "name": "text",
+        "data_type": "TYPE_STRING",
+        "dims": [-1],
+    }
 
 
 def test_repository_index(client):
@@ -159,7 +180,12 @@ def test_json_infer(client, repo, linear_reference, recorded):
     expected = linear_reference(np.array(X))
     assert y["name"] == "y" and y["datatype"] == "FP32" and y["shape"] == [2, 2]
     np.testing.assert_allclose(np.array(y["data"]).reshape(2, 2), expected, rtol=1e-6)
-    assert argmax == {"name": "argmax", "datatype": "INT64", "shape": [2], "data": expected.argmax(1).tolist()}
+    assert argmax == {
+        "name": "argmax",
+        "datatype": "INT64",
+        "shape": [2],
+        "data": expected.argmax(1).tolist(),
+    }
     assert repo.get("linear").calls == [None]
     assert recorded[0][:5] == ("linear", "2", "numpy", "http", True)
 
@@ -187,7 +213,9 @@ def test_backend_query_parameter(client, repo, linear_reference, recorded):
 def test_binary_inputs_and_binary_outputs(client, linear_reference):
     x = np.array(X, dtype=np.float32)
     header = {
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": x.nbytes}}],
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": x.nbytes}}
+        ],
         "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "argmax"}],
     }
     content, headers = _binary_request(header, x.tobytes())
@@ -209,7 +237,9 @@ def test_binary_data_output_request_parameter_with_per_output_override(client):
     assert header["outputs"][0]["parameters"]["binary_data_size"] == len(data) == 16
     assert "data" in header["outputs"][1]
     # No requested outputs: every output, all binary.
-    response = client.post("/v2/models/linear/infer", json=_infer_body(parameters={"binary_data_output": True}))
+    response = client.post(
+        "/v2/models/linear/infer", json=_infer_body(parameters={"binary_data_output": True})
+    )
     header, data = _split_binary_response(response)
     assert [o["parameters"]["binary_data_size"] for o in header["outputs"]] == [16, 16]
 
@@ -265,7 +295,10 @@ def _bad(**changes):
 BAD_JSON_REQUESTS = {
     "wrong rank": (_bad(shape=[6], data=sum(X, [])), "of rank 1 but model 'linear' expects [-1, 3]"),
     "wrong non-batch dim": (_bad(shape=[3, 2]), "dimension 1 is wrong"),
-    "batch over max_batch_size": (_bad(shape=[5, 3], data=[[0, 0, 0]] * 5), "over the max_batch_size 4 of model 'linear'"),
+    "batch over max_batch_size": (
+        _bad(shape=[5, 3], data=[[0, 0, 0]] * 5),
+        "over the max_batch_size 4 of model 'linear'",
+    ),
     "batch of zero": (_bad(shape=[0, 3], data=[]), "batch size 0"),
     "negative dim": (_bad(shape=[-1, 3]), "shape must be a list of non-negative integers"),
     "unknown datatype": (_bad(datatype="FLOAT"), "unknown datatype 'FLOAT'"),
@@ -275,12 +308,15 @@ BAD_JSON_REQUESTS = {
     "ragged data": (_bad(data=[[1.0, 2.0, 3.0], [1.0]]), "not a rectangular array"),
     "strings in FP32": (_bad(data=[["1", "2", "3"], ["4", "5", "6"]]), "FP32 data must be numbers"),
     "data not a list": (_bad(data="123456"), "data must be a list"),
-    "no data": (_bad(data=None) | {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3]}]}, "neither 'data'"),
+    "no data": ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3]}]}, "neither 'data'"),
     "extra input": (
         {"inputs": [_bad()["inputs"][0], {"name": "z", "datatype": "FP32", "shape": [1], "data": [1]}]},
         "unknown input 'z' for model 'linear'; its inputs are ['x']",
     ),
-    "missing input": ({"inputs": [{"name": "z", "datatype": "FP32", "shape": [1], "data": [1]}]}, "unknown input 'z'"),
+    "missing input": (
+        {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1], "data": [1]}]},
+        "unknown input 'z'",
+    ),
     "duplicate input": ({"inputs": [_bad()["inputs"][0]] * 2}, "given more than once"),
     "no inputs": ({"inputs": []}, "'inputs' must be a non-empty list"),
     "unknown output": (_bad() | {"outputs": [{"name": "logits"}]}, "unknown output 'logits' requested"),
@@ -306,7 +342,8 @@ def test_bad_json_request_is_400_naming_the_problem(client, recorded, case):
 
 def test_missing_input_is_named(client):
     response = client.post(
-        "/v2/models/echo/infer", json={"inputs": [{"name": "flag", "datatype": "BOOL", "shape": [1], "data": [True]}]}
+        "/v2/models/echo/infer",
+        json={"inputs": [{"name": "flag", "datatype": "BOOL", "shape": [1], "data": [True]}]},
     )
     assert response.status_code == 400
     assert "missing input(s) ['big', 'half', 'small', 'text'] for model 'echo'" in response.json()["error"]
@@ -320,11 +357,16 @@ def test_missing_input_is_named(client):
         ("[1, 2]", "must be a JSON object"),
         (json.dumps(_bad(data=[[1.0, float("nan"), 3.0], [0, 0, 0]])), "contains NaN or infinite values"),
         (json.dumps(_bad(data=[[1.0, float("inf"), 3.0], [0, 0, 0]])), "contains NaN or infinite values"),
-        (json.dumps(_bad(data=[[1e39, 0, 0], [0, 0, 0]])), "contains NaN or infinite values"),  # FP32 overflow
+        (
+            json.dumps(_bad(data=[[1e39, 0, 0], [0, 0, 0]])),
+            "contains NaN or infinite values",
+        ),  # FP32 overflow
     ],
 )
 def test_malformed_json_and_non_finite_values_are_400(client, raw, message):
-    response = client.post("/v2/models/linear/infer", content=raw, headers={"content-type": "application/json"})
+    response = client.post(
+        "/v2/models/linear/infer", content=raw, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and message in response.json()["error"]
 
 
@@ -353,7 +395,9 @@ def test_out_of_range_integer_is_400(client):
 )
 def test_bad_binary_request_is_400(client, declared, actual, header_length, message):
     header = {
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": declared}}]
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": declared}}
+        ]
     }
     content, headers = _binary_request(header, b"\x00" * actual)
     if header_length is not None:
@@ -406,7 +450,9 @@ def test_max_request_bytes_must_be_positive(repo):
 def http_server(module_repo, free_port):
     module_repo.models.pop("cold", None)  # so server readiness is true
     port = free_port()
-    config = uvicorn.Config(_parent(module_repo), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        _parent(module_repo), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
