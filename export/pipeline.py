@@ -7,6 +7,7 @@ match PyTorch is never served.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -67,14 +68,16 @@ def export_artifact(
             model = load_torch_model(art)
             val_x, _ = split_inputs("val", size)
             path = art.file("model.onnx")
-            export_onnx(model, torch.from_numpy(val_x[:2]), path, input_name=input_name, output_name=output_name)
-            diff = max_abs_diff(model, path, val_x[:PARITY_SAMPLES])
+            staged = path.with_name(path.name + ".staged")  # a failed re-export never clobbers a good graph
+            export_onnx(model, torch.from_numpy(val_x[:2]), staged, input_name=input_name, output_name=output_name)
+            diff = max_abs_diff(model, staged, val_x[:PARITY_SAMPLES])
             if not diff <= atol:  # also catches NaN
-                path.unlink(missing_ok=True)
+                staged.unlink(missing_ok=True)
                 raise ExportError(
                     f"{art.tag}: ONNX output differs from PyTorch by {diff:.3g} > tolerance {atol:g} "
-                    f"on {PARITY_SAMPLES} held-out inputs; the graph was removed"
+                    f"on {PARITY_SAMPLES} held-out inputs; the new graph was discarded"
                 )
+            os.replace(staged, path)
             entry = {
                 "file": path.name,
                 "max_abs_diff": diff,
@@ -87,7 +90,9 @@ def export_artifact(
             train_x, _ = split_inputs("train", size)
             calib = CalibrationReader(input_name, train_x[:CALIBRATION_SAMPLES])
             dst = art.file("model.int8.onnx")
-            facts = get_quantizer(fmt).quantize(src, dst, calib)
+            staged = dst.with_name(dst.name + ".staged")
+            facts = get_quantizer(fmt).quantize(src, staged, calib)
+            os.replace(staged, dst)
             entry = {
                 "file": dst.name,
                 **facts,
@@ -102,7 +107,10 @@ def export_artifact(
             quantizer = get_quantizer(fmt)
             src = _require(art, quantizer.source, fmt)
             dst = art.file("model" + quantizer.output_suffix)
-            entry = {"file": dst.name, **quantizer.quantize(src, dst)}
+            staged = dst.with_name(dst.name + ".staged")
+            facts = quantizer.quantize(src, staged)
+            os.replace(staged, dst)
+            entry = {"file": dst.name, **facts}
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         art.update(exports={fmt: entry})
         log(f"{art.tag}: {fmt} → {entry['file']}" + _summary(entry))

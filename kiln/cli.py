@@ -198,9 +198,12 @@ def bench(
     """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""
     if suite != "vit":
         _fail(f"unknown benchmark suite {suite!r}; valid: vit")
-    from benchmarks.vit import run
+    from benchmarks.vit import BenchmarkError, run
 
-    run(quick=quick, output=output, command=" ".join(["kiln", *sys.argv[1:]]))
+    try:
+        run(quick=quick, output=output, command=" ".join(["kiln", *sys.argv[1:]]))
+    except BenchmarkError as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""Small pure pieces shared by the benchmarks: percentiles, markdown tables, section replacement, machine."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) interpolating linearly between order statistics (as numpy)."""
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table; cells are ``str()``-ed and ``|`` is escaped."""
+
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row has {len(row)} cells, the table {len(headers)} columns: {row!r}")
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def section_markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """Replace what lies between ``<!-- bench:NAME:start -->`` and ``...:end -->``, or append the section.
+
+    Everything outside the markers is kept byte for byte.
+    """
+    start, end = section_markers(name)
+    block = f"{start}\n{body.strip()}\n{end}"
+    i, j = text.find(start), text.find(end)
+    if i == -1 and j == -1:
+        sep = "" if not text else ("\n" if text.endswith("\n") else "\n\n")
+        return f"{text}{sep}{block}\n"
+    if i == -1 or j == -1 or j < i:
+        raise ValueError(f"BENCHMARKS section {name!r}: unbalanced markers {start!r} / {end!r}")
+    return text[:i] + block + text[j + len(end) :]
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    path.write_text(replace_section(text, name, body))
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    """A figure for a table: fixed decimals, thousands separators, ``-`` for none."""
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core counts, memory, load average, library versions and the date, for the record."""
+    import numpy
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    mem_gib = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_gib": mem_gib,
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),  # > 0.5: the machine was not idle
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
