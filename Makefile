@@ -31,6 +31,7 @@ serve: install
 	$(VENV)/bin/kiln serve
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install

@@ -37,7 +37,10 @@ def onnx_accuracy(path, inputs: np.ndarray, labels: np.ndarray, batch_size: int 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     preds = np.concatenate(
-        [sess.run(None, {name: inputs[i : i + batch_size]})[0].argmax(-1) for i in range(0, len(inputs), batch_size)]
+        [
+            sess.run(None, {name: inputs[i : i + batch_size]})[0].argmax(-1)
+            for i in range(0, len(inputs), batch_size)
+        ]
     )
     return float((preds == labels).mean())
 
@@ -69,7 +72,9 @@ def export_artifact(
             val_x, _ = split_inputs("val", size)
             path = art.file("model.onnx")
             staged = path.with_name(path.name + ".staged")  # a failed re-export never clobbers a good graph
-            export_onnx(model, torch.from_numpy(val_x[:2]), staged, input_name=input_name, output_name=output_name)
+            export_onnx(
+                model, torch.from_numpy(val_x[:2]), staged, input_name=input_name, output_name=output_name
+            )
             diff = max_abs_diff(model, staged, val_x[:PARITY_SAMPLES])
             if not diff <= atol:  # also catches NaN
                 staged.unlink(missing_ok=True)
@@ -120,7 +125,9 @@ def export_artifact(
 def _require(art: Artifact, fmt: str, needed_by: str):
     entry = art.export(fmt)
     if entry is None or not art.file(entry["file"]).is_file():
-        raise ExportError(f"{art.tag}: {needed_by} needs the {fmt!r} export first (kiln export --format {fmt})")
+        raise ExportError(
+            f"{art.tag}: {needed_by} needs the {fmt!r} export first (kiln export --format {fmt})"
+        )
     return art.file(entry["file"])
 
 

@@ -39,7 +39,9 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str) -> dict:
         import onnx
         from onnxconverter_common import float16
 
-        graph = float16.convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True).SerializeToString()
+        graph = float16.convert_float_to_float16(
+            onnx.load(str(onnx_path)), keep_io_types=True
+        ).SerializeToString()
     flags = 0 if weakly_typed else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -62,7 +64,12 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str) -> dict:
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build a {precision} engine from {onnx_path} (see log above)")
     Path(plan_path).write_bytes(bytes(serialized))
-    return {"precision": precision, "tensorrt": trt.__version__, "max_batch": MAX_BATCH, "opt_batch": OPT_BATCH}
+    return {
+        "precision": precision,
+        "tensorrt": trt.__version__,
+        "max_batch": MAX_BATCH,
+        "opt_batch": OPT_BATCH,
+    }
 
 
 class _TensorRTBuild(Quantizer):

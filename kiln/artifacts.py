@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kiln  # noqa: F401  (configures BENTOML_HOME before bentoml is imported)
 import bentoml
+
+import kiln  # noqa: F401  (configures BENTOML_HOME before bentoml is imported)
 
 MANIFEST = "kiln.json"
 WEIGHTS = "weights.safetensors"
@@ -136,7 +137,9 @@ def get_artifact(tag: str) -> Artifact:
         raise ArtifactError(f"{bento_model.tag} has no {MANIFEST}: not a Kiln artifact")
     unsafe = sorted(p.name for p in path.rglob("*") if p.suffix in _PICKLE_SUFFIXES)
     if unsafe:
-        raise ArtifactError(f"{bento_model.tag} contains pickle-capable files {unsafe}; Kiln refuses to load it")
+        raise ArtifactError(
+            f"{bento_model.tag} contains pickle-capable files {unsafe}; Kiln refuses to load it"
+        )
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(

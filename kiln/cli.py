@@ -38,7 +38,9 @@ def train(
     model: Annotated[str, typer.Argument(help="Recipe to train: vit-soft, vit-soft-norm or vit-softmax.")],
     epochs: Annotated[int | None, typer.Option(min=1, help="Override the recipe's epoch count.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation.")] = 0,
-    export: Annotated[bool, typer.Option("--export/--no-export", help="Export ONNX + int8 afterwards.")] = False,
+    export: Annotated[
+        bool, typer.Option("--export/--no-export", help="Export ONNX + int8 afterwards.")
+    ] = False,
 ) -> None:
     """Train a model on bundled data and save it to the model store (best-on-validation weights)."""
     from training.recipes import RECIPES
@@ -48,8 +50,8 @@ def train(
         _fail(f"unknown model {model!r}; trainable: {', '.join(sorted(RECIPES))}")
     result = run_training(model, epochs=epochs, seed=seed)
     typer.echo(
-        f"saved {result.artifact.tag}: val acc {result.val_accuracy:.4f}, test acc {result.test_accuracy:.4f}, "
-        f"{result.seconds:.0f}s"
+        f"saved {result.artifact.tag}: val acc {result.val_accuracy:.4f}, "
+        f"test acc {result.test_accuracy:.4f}, {result.seconds:.0f}s"
     )
     if export:
         _export(result.artifact.tag, [f.value for f in Format])
@@ -70,7 +72,9 @@ def export_cmd(
     model: Annotated[str, typer.Argument(help="Artifact to export: NAME (latest) or NAME:VERSION.")],
     formats: Annotated[
         list[Format] | None,
-        typer.Option("--format", "-f", help="Format(s) to build; repeatable. Default: all (TensorRT only on GPU)."),
+        typer.Option(
+            "--format", "-f", help="Format(s) to build; repeatable. Default: all (TensorRT only on GPU)."
+        ),
     ] = None,
 ) -> None:
     """Export an artifact: ONNX (parity-checked), int8 static PTQ (QDQ), TensorRT fp16/int8 engines.
@@ -82,25 +86,47 @@ def export_cmd(
 
 @app.command()
 def serve(
-    models: Annotated[str, typer.Option(help="Comma-separated model names or NAME:VERSION tags.")] = "vit-soft,vit-softmax",
-    backend: Annotated[str, typer.Option(help="Default runtime: onnxruntime, onnxruntime-int8, pytorch, tensorrt-fp16, tensorrt-int8.")] = "onnxruntime",
+    models: Annotated[
+        str, typer.Option(help="Comma-separated model names or NAME:VERSION tags.")
+    ] = "vit-soft,vit-softmax",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Default runtime: onnxruntime, onnxruntime-int8, pytorch, tensorrt-fp16, tensorrt-int8."
+        ),
+    ] = "onnxruntime",
     host: Annotated[str, typer.Option(help="Address to bind HTTP and gRPC to.")] = "0.0.0.0",
     http_port: Annotated[int, typer.Option(help="HTTP port (task endpoints, /v2, /metrics).")] = 3000,
     grpc_port: Annotated[int, typer.Option(help="gRPC Open Inference Protocol port; 0 disables it.")] = 8001,
-    batch_max_size: Annotated[int, typer.Option(min=1, help="Adaptive batching: max samples per batch; 1 = off.")] = 32,
-    batch_window_ms: Annotated[float, typer.Option(min=0, help="Adaptive batching: max wait for a batch to fill.")] = 2.0,
-    max_request_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED.")] = 8 * 1024 * 1024,
+    batch_max_size: Annotated[
+        int, typer.Option(min=1, help="Adaptive batching: max samples per batch; 1 = off.")
+    ] = 32,
+    batch_window_ms: Annotated[
+        float, typer.Option(min=0, help="Adaptive batching: max wait for a batch to fill.")
+    ] = 2.0,
+    max_request_bytes: Annotated[
+        int, typer.Option(min=1024, help="Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED.")
+    ] = 8 * 1024 * 1024,
     workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
-    train_missing: Annotated[bool, typer.Option("--train/--no-train", help="Train and export default models the store lacks.")] = True,
-    train_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs for models trained here (default: the recipe's).")] = None,
+    train_missing: Annotated[
+        bool, typer.Option("--train/--no-train", help="Train and export default models the store lacks.")
+    ] = True,
+    train_epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs for models trained here (default: the recipe's).")
+    ] = None,
 ) -> None:
     """Serve models over HTTP (BentoML) and gRPC, training and exporting missing ones first."""
     from serving.config import ConfigError, ServeConfig
 
     env = {
-        "KILN_MODELS": models, "KILN_BACKEND": backend, "KILN_HOST": host, "KILN_HTTP_PORT": str(http_port),
-        "KILN_GRPC_PORT": str(grpc_port), "KILN_BATCH_MAX_SIZE": str(batch_max_size),
-        "KILN_BATCH_WINDOW_MS": str(batch_window_ms), "KILN_MAX_REQUEST_BYTES": str(max_request_bytes),
+        "KILN_MODELS": models,
+        "KILN_BACKEND": backend,
+        "KILN_HOST": host,
+        "KILN_HTTP_PORT": str(http_port),
+        "KILN_GRPC_PORT": str(grpc_port),
+        "KILN_BATCH_MAX_SIZE": str(batch_max_size),
+        "KILN_BATCH_WINDOW_MS": str(batch_window_ms),
+        "KILN_MAX_REQUEST_BYTES": str(max_request_bytes),
         "KILN_WORKERS": str(workers),
     }
     os.environ.update(env)
@@ -112,7 +138,17 @@ def serve(
     typer.echo(f"HTTP  http://localhost:{http_port}  (POST /classify, /v2/..., GET /metrics)")
     if grpc_port:
         typer.echo(f"gRPC  localhost:{grpc_port}  (inference.GRPCInferenceService)")
-    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:Kiln", "--host", host, "--port", str(http_port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "serving.service:Kiln",
+        "--host",
+        host,
+        "--port",
+        str(http_port),
+    ]
     os.execv(sys.executable, cmd)
 
 
@@ -156,7 +192,8 @@ def models_list(
     for a in arts:
         acc = a.manifest.get("metrics", {}).get("test_accuracy")
         acc_s = f"{acc:.4f}" if acc is not None else "-"
-        typer.echo(f"{a.tag:<34} {a.manifest.get('architecture', '?'):<20} {acc_s:>8}  {','.join(a.manifest.get('exports', {})) or '-'}")
+        exports = ",".join(a.manifest.get("exports", {})) or "-"
+        typer.echo(f"{a.tag:<34} {a.manifest.get('architecture', '?'):<20} {acc_s:>8}  {exports}")
 
 
 @models_app.command("show")
@@ -192,7 +229,9 @@ def models_delete(
 @app.command()
 def bench(
     suite: Annotated[str, typer.Argument(help="Benchmark suite: vit.")] = "vit",
-    quick: Annotated[bool, typer.Option(help="Fewer repetitions and sizes (a smoke run; not for the record).")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="Fewer repetitions and sizes (a smoke run; not for the record).")
+    ] = False,
     output: Annotated[str, typer.Option(help="Markdown file to update.")] = "BENCHMARKS.md",
 ) -> None:
     """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""

@@ -22,7 +22,9 @@ class BodyLimitMiddleware:
                 try:
                     length = int(value)
                 except ValueError:
-                    return await self._reply(send, 400, f"invalid Content-Length {value.decode(errors='replace')!r}")
+                    return await self._reply(
+                        send, 400, f"invalid Content-Length {value.decode(errors='replace')!r}"
+                    )
                 if length > self.max_bytes:
                     return await self._reply(send, 413, self._message(length))
         received = 0

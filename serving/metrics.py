@@ -69,7 +69,13 @@ def record_request(
 ) -> None:
     """Count one request's outcome; front-ends call this once per request, success or failure."""
     REQUESTS.labels(
-        model=model, version=version, backend=backend, protocol=protocol, status="success" if ok else "failure"
+        model=model,
+        version=version,
+        backend=backend,
+        protocol=protocol,
+        status="success" if ok else "failure",
     ).inc()
     if seconds is not None:
-        REQUEST_SECONDS.labels(model=model, version=version, backend=backend, protocol=protocol).observe(seconds)
+        REQUEST_SECONDS.labels(model=model, version=version, backend=backend, protocol=protocol).observe(
+            seconds
+        )

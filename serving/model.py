@@ -29,8 +29,12 @@ class LoadedModel:
         self.name = art.name
         self.version = art.version
         self.max_batch_size = MAX_REQUEST_BATCH
-        self.inputs = [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in art.manifest["inputs"]]
-        self.outputs = [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in art.manifest["outputs"]]
+        self.inputs = [
+            TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in art.manifest["inputs"]
+        ]
+        self.outputs = [
+            TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in art.manifest["outputs"]
+        ]
         self.labels = art.manifest.get("labels", [])
         self.image_size = tuple(art.manifest["preprocess"]["size"])
 
@@ -66,7 +70,9 @@ class LoadedModel:
         if backend in (None, ""):
             return self.backends[0]
         if backend not in self.batchers:
-            raise InferenceError(400, f"model {self.name!r} has no backend {backend!r}; loaded: {self.backends}")
+            raise InferenceError(
+                400, f"model {self.name!r} has no backend {backend!r}; loaded: {self.backends}"
+            )
         return backend
 
     async def infer(self, inputs: dict[str, np.ndarray], backend: str | None = None) -> dict[str, np.ndarray]:

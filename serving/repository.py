@@ -50,7 +50,9 @@ class ServedModel(Protocol):
     name: str
     version: str
     platform: str  # e.g. "onnxruntime_onnx", "pytorch_torchscript", "tensorrt_plan"
-    backends: list[str]  # loaded runtimes, default first: "onnxruntime", "onnxruntime-int8", "pytorch", "tensorrt"
+    backends: list[
+        str
+    ]  # loaded runtimes, default first: "onnxruntime", "onnxruntime-int8", "pytorch", "tensorrt"
     max_batch_size: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]

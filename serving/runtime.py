@@ -104,8 +104,10 @@ class TensorRTRuntime:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(next(iter(inputs.values())))
-        chunks = [self._run_chunk({k: v[i : i + self.max_batch] for k, v in inputs.items()})
-                  for i in range(0, n, self.max_batch)]
+        chunks = [
+            self._run_chunk({k: v[i : i + self.max_batch] for k, v in inputs.items()})
+            for i in range(0, n, self.max_batch)
+        ]
         return {k: np.concatenate([c[k] for c in chunks]) for k in self.output_names}
 
     def _run_chunk(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -15,11 +15,11 @@ import time
 from http import HTTPStatus
 from typing import Any
 
-import serving  # noqa: F401  (configures the model store before bentoml is imported)
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound
 
+import serving  # noqa: F401  (configures the model store before bentoml is imported)
 from kiln.artifacts import get_artifact
 from serving import metrics
 from serving.config import ServeConfig
@@ -52,7 +52,9 @@ def decode_image(image: Any) -> np.ndarray:
             raw = base64.b64decode(image, validate=True)
             with Image.open(io.BytesIO(raw)) as im:
                 if max(im.size) > MAX_IMAGE_SIDE:
-                    raise InferenceError(400, f"image is {im.size[0]}×{im.size[1]}; the limit is {MAX_IMAGE_SIDE} a side")
+                    raise InferenceError(
+                        400, f"image is {im.size[0]}×{im.size[1]}; the limit is {MAX_IMAGE_SIDE} a side"
+                    )
                 arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
         except (binascii.Error, ValueError) as exc:
             raise InferenceError(400, f"`image` is a string but not valid base64: {exc}") from None
@@ -68,7 +70,9 @@ def decode_image(image: Any) -> np.ndarray:
     if arr.ndim != 2 or min(arr.shape) < 1:
         raise InferenceError(400, f"`image` must be 2-D (H×W) grayscale; got shape {list(arr.shape)}")
     if max(arr.shape) > MAX_IMAGE_SIDE:
-        raise InferenceError(400, f"image is {arr.shape[1]}×{arr.shape[0]}; the limit is {MAX_IMAGE_SIDE} a side")
+        raise InferenceError(
+            400, f"image is {arr.shape[1]}×{arr.shape[0]}; the limit is {MAX_IMAGE_SIDE} a side"
+        )
     if not np.isfinite(arr).all():
         raise InferenceError(400, "`image` contains NaN or Inf")
     if arr.min() < 0.0 or arr.max() > 1.0:
@@ -138,7 +142,9 @@ class Kiln:
         p = probs[0]
         return {
             "label": served.labels[int(pred[0])] if served.labels else int(pred[0]),
-            "probabilities": {(served.labels[i] if served.labels else str(i)): float(v) for i, v in enumerate(p)},
+            "probabilities": {
+                (served.labels[i] if served.labels else str(i)): float(v) for i, v in enumerate(p)
+            },
             "model": served.name,
             "version": served.version,
             "backend": chosen,

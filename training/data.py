@@ -32,7 +32,10 @@ def digits_splits(seed: int = SPLIT_SEED) -> dict[str, Split]:
     idx = np.arange(len(labels))
     train_idx, rest = train_test_split(idx, test_size=0.3, stratify=labels, random_state=seed)
     val_idx, test_idx = train_test_split(rest, test_size=0.5, stratify=labels[rest], random_state=seed)
-    return {k: Split(images[i], labels[i]) for k, i in (("train", train_idx), ("val", val_idx), ("test", test_idx))}
+    return {
+        k: Split(images[i], labels[i])
+        for k, i in (("train", train_idx), ("val", val_idx), ("test", test_idx))
+    }
 
 
 def split_inputs(split: str, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

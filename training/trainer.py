@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,9 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     scale = 1 + (torch.rand(n, generator=gen) * 2 - 1) * 0.1
     shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (2 / 16)  # normalised coords: 2 px of 32
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
@@ -62,7 +63,12 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 
 def train(
-    name: str, *, epochs: int | None = None, seed: int = 0, progress: bool = True, recipe: Recipe | None = None
+    name: str,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    recipe: Recipe | None = None,
 ) -> TrainResult:
     """Train recipe ``name`` on the bundled digits and save the best-on-val model as an artifact."""
     recipe = recipe or get_recipe(name)
@@ -143,4 +149,3 @@ def train(
     }
     artifact = save_artifact(name, best_path, manifest, labels={"task": "image-classification"})
     return TrainResult(artifact, best_val, test_acc, seconds)
-

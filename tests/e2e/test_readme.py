@@ -71,11 +71,27 @@ def test_cli_models_list_and_show(server, kiln_home):
     import os
 
     env = {**os.environ, "KILN_HOME": str(kiln_home)}
-    r = subprocess.run([sys.executable, "-m", "kiln.cli", "models", "list"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "models", "list"], capture_output=True, text=True, env=env
+    )
     assert r.returncode == 0 and "vit-soft:" in r.stdout and "onnx" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "kiln.cli", "models", "show", "vit-soft"], capture_output=True,
-                       text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "models", "show", "vit-soft"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0 and '"architecture": "vit_soft_tiny"' in r.stdout
-    r = subprocess.run([sys.executable, "-m", "kiln.cli", "models", "show", "nope"], capture_output=True,
-                       text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "models", "show", "nope"], capture_output=True, text=True, env=env
+    )
     assert r.returncode == 1 and "no model 'nope'" in r.stderr
+
+
+def test_bentoml_models_list_shows_the_artifacts(server, kiln_home):
+    import os
+
+    env = {**os.environ, "BENTOML_HOME": str(kiln_home / "bentoml")}
+    r = subprocess.run([sys.executable, "-m", "bentoml", "models", "list"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"vit-soft:\w+", r.stdout) and re.search(r"vit-softmax:\w+", r.stdout)

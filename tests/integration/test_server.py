@@ -43,7 +43,12 @@ def reference(server):
     out = {}
     for name in MODELS:
         art = get_artifact(name)
-        out[name] = (art, ort.InferenceSession(str(art.file(art.export("onnx")["file"])), providers=["CPUExecutionProvider"]))
+        out[name] = (
+            art,
+            ort.InferenceSession(
+                str(art.file(art.export("onnx")["file"])), providers=["CPUExecutionProvider"]
+            ),
+        )
     return out
 
 
@@ -57,7 +62,9 @@ def _assert_still_serving(server):
 
 
 def _json_request(x, name="input", datatype="FP32"):
-    return {"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}]}
+    return {
+        "inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}]
+    }
 
 
 # --- task endpoint --------------------------------------------------------------------------------
@@ -82,7 +89,9 @@ def test_classify_base64_png(server, digits):
     images, _ = digits
     png = io.BytesIO()
     Image.fromarray((images[0] * 255).round().astype(np.uint8), mode="L").save(png, format="PNG")
-    r = httpx.post(f"{server.http}/classify", json={"image": base64.b64encode(png.getvalue()).decode()}, timeout=30)
+    r = httpx.post(
+        f"{server.http}/classify", json={"image": base64.b64encode(png.getvalue()).decode()}, timeout=30
+    )
     assert r.status_code == 200, r.text
     listed = httpx.post(f"{server.http}/classify", json={"image": images[0].tolist()}, timeout=30).json()
     assert r.json()["label"] == listed["label"]  # 8-bit PNG rounding does not change the answer
@@ -152,7 +161,9 @@ def test_http_backend_selection(server, reference):
     x = _x(4, seed=2)
     expected = sess.run(None, {"input": x})[0]
     for backend, atol in (("pytorch", 1e-4), ("onnxruntime-int8", None)):
-        r = httpx.post(f"{server.http}/v2/models/vit-soft/infer?backend={backend}", json=_json_request(x), timeout=30)
+        r = httpx.post(
+            f"{server.http}/v2/models/vit-soft/infer?backend={backend}", json=_json_request(x), timeout=30
+        )
         assert r.status_code == 200, r.text
         got = np.array(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(expected.shape)
         if atol:
@@ -165,10 +176,21 @@ def test_http_backend_selection(server, reference):
 
 def _binary_request(x: np.ndarray, declared: int | None = None) -> tuple[bytes, dict]:
     raw = x.tobytes()
-    header = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                          "parameters": {"binary_data_size": declared if declared is not None else len(raw)}}]}
+    header = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": declared if declared is not None else len(raw)},
+            }
+        ]
+    }
     h = json.dumps(header).encode()
-    return h + raw, {"Inference-Header-Content-Length": str(len(h)), "Content-Type": "application/octet-stream"}
+    return h + raw, {
+        "Inference-Header-Content-Length": str(len(h)),
+        "Content-Type": "application/octet-stream",
+    }
 
 
 BAD_HTTP = {
@@ -176,13 +198,36 @@ BAD_HTTP = {
     "wrong rank": (_json_request(np.zeros((1, 32, 32), np.float32)), 400, "shape"),
     "unknown datatype": (_json_request(_x(1), datatype="FLOAT99"), 400, "FLOAT99"),
     "datatype mismatch": (_json_request(_x(1), datatype="INT32"), 400, "INT32"),
-    "data length": ({"inputs": [{"name": "input", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": [0.0] * 10}]},
-                    400, "10"),
+    "data length": (
+        {"inputs": [{"name": "input", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": [0.0] * 10}]},
+        400,
+        "10",
+    ),
     "missing input": ({"inputs": []}, 400, "input"),
-    "extra input": ({"inputs": [*_json_request(_x(1))["inputs"],
-                                {"name": "bogus", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 400, "bogus"),
-    "NaN": ({"inputs": [{"name": "input", "shape": [1, 1, 32, 32], "datatype": "FP32",
-                         "data": [float("nan")] + [0.0] * 1023}]}, 400, "(?i)nan"),
+    "extra input": (
+        {
+            "inputs": [
+                *_json_request(_x(1))["inputs"],
+                {"name": "bogus", "shape": [1], "datatype": "FP32", "data": [1.0]},
+            ]
+        },
+        400,
+        "bogus",
+    ),
+    "NaN": (
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 1, 32, 32],
+                    "datatype": "FP32",
+                    "data": [float("nan")] + [0.0] * 1023,
+                }
+            ]
+        },
+        400,
+        "(?i)nan",
+    ),
     "batch too large": (_json_request(np.zeros((65, 1, 32, 32), np.float32)), 400, "(?i)batch"),
 }
 
@@ -193,8 +238,12 @@ def test_http_bad_input(server, case):
     raw = json.dumps(body, allow_nan=True).encode()
     if len(raw) > MAX_REQUEST_BYTES:
         pytest.fail("test payload must stay under the server limit")
-    r = httpx.post(f"{server.http}/v2/models/vit-soft/infer", content=raw,
-                   headers={"Content-Type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{server.http}/v2/models/vit-soft/infer",
+        content=raw,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == status, r.text
     assert re.search(message, r.json()["error"]), r.text
     _assert_still_serving(server)
@@ -230,7 +279,10 @@ def test_http_payload_over_limit_is_413(server):
 
 @pytest.mark.parametrize(
     ("path", "message"),
-    [("/v2/models/nope/infer", "unknown model 'nope'"), ("/v2/models/vit-soft/versions/nope/infer", "no version 'nope'")],
+    [
+        ("/v2/models/nope/infer", "unknown model 'nope'"),
+        ("/v2/models/vit-soft/versions/nope/infer", "no version 'nope'"),
+    ],
 )
 def test_http_unknown_model_or_version_is_404(server, path, message):
     r = httpx.post(server.http + path, json=_json_request(_x(1)), timeout=30)
@@ -268,13 +320,25 @@ def _grpc_infer(server, model="vit-soft", x=None, datatype="FP32", shape=None, v
 @pytest.mark.parametrize(
     ("kwargs", "code", "message"),
     [
-        ({"shape": [1, 1, 16, 16], "x": np.zeros((1, 1, 16, 16), np.float32)}, "StatusCode.INVALID_ARGUMENT", "shape"),
+        (
+            {"shape": [1, 1, 16, 16], "x": np.zeros((1, 1, 16, 16), np.float32)},
+            "StatusCode.INVALID_ARGUMENT",
+            "shape",
+        ),
         ({"shape": [2, 1, 32, 32]}, "StatusCode.INVALID_ARGUMENT", ""),  # bytes for 1 image, shape says 2
-        ({"datatype": "INT32", "x": np.zeros((1, 1, 32, 32), np.int32)}, "StatusCode.INVALID_ARGUMENT", "INT32"),
+        (
+            {"datatype": "INT32", "x": np.zeros((1, 1, 32, 32), np.int32)},
+            "StatusCode.INVALID_ARGUMENT",
+            "INT32",
+        ),
         ({"x": np.full((1, 1, 32, 32), np.inf, np.float32)}, "StatusCode.INVALID_ARGUMENT", "(?i)inf"),
         ({"model": "nope"}, "StatusCode.NOT_FOUND", "nope"),
         ({"version": "nope"}, "StatusCode.NOT_FOUND", "nope"),
-        ({"x": np.zeros((MAX_REQUEST_BYTES // 4096 + 8, 1, 32, 32), np.float32)}, "StatusCode.RESOURCE_EXHAUSTED", ""),
+        (
+            {"x": np.zeros((MAX_REQUEST_BYTES // 4096 + 8, 1, 32, 32), np.float32)},
+            "StatusCode.RESOURCE_EXHAUSTED",
+            "",
+        ),
     ],
     ids=["shape", "length", "datatype", "inf", "model", "version", "too-large"],
 )
@@ -288,8 +352,11 @@ def test_grpc_bad_input(server, kwargs, code, message):
 
 def test_grpc_malformed_protobuf(server):
     with grpc.insecure_channel(server.grpc) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
         with pytest.raises(grpc.RpcError) as info:
             call(b"\xff\xff\xff\xff garbage", timeout=10)
     assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL)
@@ -312,15 +379,21 @@ def test_concurrent_requests_are_batched_and_metrics_say_so(server):
     x = _x(1)
 
     def one(_):
-        return httpx.post(f"{server.http}/v2/models/vit-softmax/infer", json=_json_request(x), timeout=60).status_code
+        return httpx.post(
+            f"{server.http}/v2/models/vit-softmax/infer", json=_json_request(x), timeout=60
+        ).status_code
 
     with ThreadPoolExecutor(32) as pool:
         codes = list(pool.map(one, range(96)))
     assert codes == [200] * 96
     after = httpx.get(f"{server.http}/metrics", timeout=10).text
     lab = {"model": "vit-softmax", "backend": "onnxruntime"}
-    inferred = _metric(after, "kiln_inference_count_total", **lab) - _metric(before, "kiln_inference_count_total", **lab)
-    executed = _metric(after, "kiln_inference_exec_count_total", **lab) - _metric(before, "kiln_inference_exec_count_total", **lab)
+    inferred = _metric(after, "kiln_inference_count_total", **lab) - _metric(
+        before, "kiln_inference_count_total", **lab
+    )
+    executed = _metric(after, "kiln_inference_exec_count_total", **lab) - _metric(
+        before, "kiln_inference_exec_count_total", **lab
+    )
     assert inferred == 96
     assert 1 <= executed < 96  # some requests shared a batch
 
@@ -330,9 +403,18 @@ def test_metrics_cover_success_failure_queue_compute_load_ready(server):
     httpx.post(f"{server.http}/v2/models/vit-soft/infer", json={"inputs": []}, timeout=30)
     _grpc_infer(server)
     text = httpx.get(f"{server.http}/metrics", timeout=10).text
-    assert _metric(text, "kiln_inference_requests_total", model="vit-soft", status="success", protocol="http") >= 1
-    assert _metric(text, "kiln_inference_requests_total", model="vit-soft", status="failure", protocol="http") >= 1
-    assert _metric(text, "kiln_inference_requests_total", model="vit-soft", status="success", protocol="grpc") >= 1
+    assert (
+        _metric(text, "kiln_inference_requests_total", model="vit-soft", status="success", protocol="http")
+        >= 1
+    )
+    assert (
+        _metric(text, "kiln_inference_requests_total", model="vit-soft", status="failure", protocol="http")
+        >= 1
+    )
+    assert (
+        _metric(text, "kiln_inference_requests_total", model="vit-soft", status="success", protocol="grpc")
+        >= 1
+    )
     assert _metric(text, "kiln_inference_queue_seconds_count", model="vit-soft") >= 1
     assert _metric(text, "kiln_inference_compute_seconds_count", model="vit-soft") >= 1
     assert _metric(text, "kiln_model_load_seconds", model="vit-soft", backend="onnxruntime") > 0
@@ -363,6 +445,9 @@ def test_start_fails_clearly_for_a_model_not_in_the_store(kiln_home):
 
     r = subprocess.run(
         [sys.executable, "-m", "kiln.cli", "serve", "--models", "vit-soft:doesnotexist", "--no-train"],
-        env={**os.environ, "KILN_HOME": str(kiln_home)}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "KILN_HOME": str(kiln_home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode != 0 and "no model 'vit-soft:doesnotexist'" in r.stderr

@@ -22,7 +22,9 @@ def test_export_records_parity_and_accuracy_under_one_tag(artifact):
     assert int8_entry["fp32_test_accuracy"] == onnx_entry["test_accuracy"]
     x, y = split_inputs("test", (32, 32))
     sess = ort.InferenceSession(str(art.file(int8_entry["file"])), providers=["CPUExecutionProvider"])
-    assert int8_entry["test_accuracy"] == pytest.approx(float((sess.run(None, {"input": x})[0].argmax(1) == y).mean()))
+    assert int8_entry["test_accuracy"] == pytest.approx(
+        float((sess.run(None, {"input": x})[0].argmax(1) == y).mean())
+    )
     if art.export("fp16-trt") is None:  # CPU machine: a clear skip message, nothing recorded
         assert any("skipping fp16-trt" in line for line in logs)
 

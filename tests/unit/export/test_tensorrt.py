@@ -15,7 +15,9 @@ def test_status_says_why_when_unavailable():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,backend,atol", [("fp16-trt", "tensorrt-fp16", 5e-2), ("int8-trt", "tensorrt-int8", None)])
+@pytest.mark.parametrize(
+    "fmt,backend,atol", [("fp16-trt", "tensorrt-fp16", 5e-2), ("int8-trt", "tensorrt-int8", None)]
+)
 def test_engine_build_and_run_matches_onnxruntime(fmt, backend, atol):
     from export.pipeline import export_artifact
     from kiln.artifacts import get_artifact

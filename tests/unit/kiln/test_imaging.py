@@ -6,11 +6,15 @@ import torch.nn.functional as F
 from kiln.imaging import resize_bilinear, to_model_input
 
 
-@pytest.mark.parametrize(("src", "dst"), [((8, 8), (32, 32)), ((28, 28), (32, 32)), ((40, 24), (32, 32)), ((5, 7), (3, 2))])
+@pytest.mark.parametrize(
+    ("src", "dst"), [((8, 8), (32, 32)), ((28, 28), (32, 32)), ((40, 24), (32, 32)), ((5, 7), (3, 2))]
+)
 def test_resize_matches_torch_bilinear(src, dst):
     rng = np.random.default_rng(0)
     images = rng.random((3, *src), dtype=np.float32)
-    ref = F.interpolate(torch.from_numpy(images)[:, None], size=dst, mode="bilinear", align_corners=False)[:, 0]
+    ref = F.interpolate(torch.from_numpy(images)[:, None], size=dst, mode="bilinear", align_corners=False)[
+        :, 0
+    ]
     np.testing.assert_allclose(resize_bilinear(images, dst), ref.numpy(), atol=1e-6)
 
 

@@ -21,7 +21,7 @@ def test_splits_are_fixed_disjoint_and_stratified():
     for k in a:
         assert set(a[k].labels.tolist()) == set(range(10))
     x, y = split_inputs("val", (32, 32))
-    assert x.shape == (sizes["val"], 1, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (sizes["val"], 1, 32, 32) and x.min() >= 0 and x.max() <= 1
 
 
 def test_unknown_recipe_lists_valid_ones():
@@ -41,7 +41,11 @@ def test_train_saves_a_complete_artifact(trained):
     assert m["args"]["num_classes"] == 10 and m["preprocess"]["size"] == [32, 32]
     assert m["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 32, 32]}
     assert m["metrics"]["val_accuracy"] == trained.val_accuracy
-    assert 0 <= m["metrics"]["test_accuracy"] <= 1 and m["training"]["seed"] == 0 and m["training"]["epochs"] == 1
+    assert (
+        0 <= m["metrics"]["test_accuracy"] <= 1
+        and m["training"]["seed"] == 0
+        and m["training"]["epochs"] == 1
+    )
     assert json.loads((art.path / "kiln.json").read_text())["code_version"].startswith("0.1.0")
     x, _ = split_inputs("test", (32, 32))
     assert load_torch_model(art)(torch.from_numpy(x[:4])).shape == (4, 10)
