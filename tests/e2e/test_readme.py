@@ -92,6 +92,8 @@ def test_bentoml_models_list_shows_the_artifacts(server, kiln_home):
     import os
 
     env = {**os.environ, "BENTOML_HOME": str(kiln_home / "bentoml")}
-    r = subprocess.run([sys.executable, "-m", "bentoml", "models", "list"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "bentoml", "models", "list"], capture_output=True, text=True, env=env
+    )
     assert r.returncode == 0, r.stderr
     assert re.search(r"vit-soft:\w+", r.stdout) and re.search(r"vit-softmax:\w+", r.stdout)
