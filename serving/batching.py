@@ -1,7 +1,9 @@
 """Adaptive batching: concurrent requests to one model and backend are run as one batch.
 
 A request joins the queue; the batch runs when it holds ``max_batch_size`` samples or when
-``window_ms`` has passed since its oldest request arrived, whichever is first. One batch runs at a time
+``window_ms`` has passed since its oldest request arrived, whichever is first. The window is only
+waited for when there is evidence of concurrent traffic (more than one request queued, or the previous
+batch held more than one): a lone client is not made to pay the window on every request. One batch runs at a time
 per model and backend, on a dedicated thread (onnxruntime and torch release the GIL), so while a batch
 computes the next one fills up: under load batches grow by themselves even with a zero window.
 ``max_batch_size=1`` turns batching off (each request runs alone, in arrival order).
@@ -43,6 +45,7 @@ class AdaptiveBatcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._last_batch_requests = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{labels['model']}")
 
     async def submit(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -63,7 +66,8 @@ class AdaptiveBatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                deadline = self._queue[0].enqueued + self.window
+                concurrent = len(self._queue) > 1 or self._last_batch_requests > 1
+                deadline = self._queue[0].enqueued + (self.window if concurrent else 0.0)
                 while self._queued_samples() < self.max_batch_size and time.perf_counter() < deadline:
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), deadline - time.perf_counter())
@@ -75,6 +79,7 @@ class AdaptiveBatcher:
                 while self._queue and total + self._queue[0].size <= self.max_batch_size:
                     total += self._queue[0].size
                     batch.append(self._queue.popleft())
+                self._last_batch_requests = len(batch)
                 await self._execute(loop, batch, total)
 
     def _queued_samples(self) -> int:

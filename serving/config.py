@@ -15,27 +15,15 @@ class ConfigError(ValueError):
     pass
 
 
-def _int(name: str, default: int, minimum: int) -> int:
+def _number(name: str, default, minimum, cast=int):
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = cast(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}")
-    return value
-
-
-def _float(name: str, default: float, minimum: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
+        kind = "an integer" if cast is int else "a number"
+        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
     if value < minimum:
         raise ConfigError(f"{name}={value} must be >= {minimum}")
     return value
@@ -67,26 +55,12 @@ class ServeConfig:
         return cls(
             models=models,
             backend=backend,
-            http_port=_int("KILN_HTTP_PORT", 3000, 1),
-            grpc_port=_int("KILN_GRPC_PORT", 8001, 0),
+            http_port=_number("KILN_HTTP_PORT", 3000, 1),
+            grpc_port=_number("KILN_GRPC_PORT", 8001, 0),
             host=os.environ.get("KILN_HOST", "0.0.0.0"),
-            batch_max_size=_int("KILN_BATCH_MAX_SIZE", 32, 1),
-            batch_window_ms=_float("KILN_BATCH_WINDOW_MS", 2.0, 0.0),
-            max_request_bytes=_int("KILN_MAX_REQUEST_BYTES", 8 * 1024 * 1024, 1024),
-            workers=_int("KILN_WORKERS", 1, 1),
-            threads=_int("KILN_THREADS", min(4, os.cpu_count() or 1), 1),
+            batch_max_size=_number("KILN_BATCH_MAX_SIZE", 32, 1),
+            batch_window_ms=_number("KILN_BATCH_WINDOW_MS", 2.0, 0.0, float),
+            max_request_bytes=_number("KILN_MAX_REQUEST_BYTES", 8 * 1024 * 1024, 1024),
+            workers=_number("KILN_WORKERS", 1, 1),
+            threads=_number("KILN_THREADS", min(4, os.cpu_count() or 1), 1),
         )
-
-    def to_env(self) -> dict[str, str]:
-        return {
-            "KILN_MODELS": ",".join(self.models),
-            "KILN_BACKEND": self.backend,
-            "KILN_HTTP_PORT": str(self.http_port),
-            "KILN_GRPC_PORT": str(self.grpc_port),
-            "KILN_HOST": self.host,
-            "KILN_BATCH_MAX_SIZE": str(self.batch_max_size),
-            "KILN_BATCH_WINDOW_MS": str(self.batch_window_ms),
-            "KILN_MAX_REQUEST_BYTES": str(self.max_request_bytes),
-            "KILN_WORKERS": str(self.workers),
-            "KILN_THREADS": str(self.threads),
-        }

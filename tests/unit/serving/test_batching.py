@@ -78,3 +78,20 @@ def test_failure_reaches_every_request_in_the_batch_and_batcher_survives():
 def test_rejects_nonpositive_max():
     with pytest.raises(ValueError):
         AdaptiveBatcher(Recorder(), max_batch_size=0, window_ms=1, labels=LABELS)
+
+
+def test_a_lone_client_does_not_wait_for_the_window():
+    rec = Recorder()
+    batcher = AdaptiveBatcher(rec, max_batch_size=8, window_ms=2000, labels=LABELS)
+
+    async def sequential():
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(3):
+            await batcher.submit({"x": np.full((1, 3), i, np.float32)})
+        return loop.time() - t0
+
+    elapsed = asyncio.run(sequential())
+    assert rec.batches == [1, 1, 1]
+    assert elapsed < 2.0  # a 2 s window was never waited for: no concurrent traffic to batch with
+    batcher.close()
