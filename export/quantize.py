@@ -6,9 +6,12 @@ object, so any data source (training images, sampler trajectories) can feed any 
 
 ``int8-static``: onnxruntime static quantization in QDQ format — uint8 activations, int8 weights
 (the pairing onnxruntime recommends for x86 CPUs; VNNI cores need no reduced range), MinMax ranges
-from the calibration set. Only the weight-bearing linear layers (MatMul/Gemm/Conv with a constant
-weight) are quantized: activation×activation products such as SOFT's kernel matrices and its
-Newton–Raphson pseudo-inverse iterations stay fp32, since an 8-bit Newton iteration does not converge.
+from the calibration set. Only the weight-bearing linear layers (MatMul/Gemm with a constant weight) are
+quantized: activation×activation products such as SOFT's kernel matrices and its Newton–Raphson
+pseudo-inverse iterations stay fp32, since an 8-bit Newton iteration does not converge. Convolutions
+(the patch embedding, SOFT's landmark and depthwise V convolutions) stay fp32 too: measured on this
+project's ViTs on a 2-core x86 CPU, quantizing them made the int8 graph 2-3x slower than without them
+(small and depthwise int8 convolutions have no fast kernels in onnxruntime's CPU provider).
 """
 
 from __future__ import annotations
@@ -69,14 +72,14 @@ class Quantizer(abc.ABC):
         """Write the quantized graph to ``dst``; returns facts to record in the artifact."""
 
 
-def weight_bearing_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of MatMul/Gemm/Conv nodes whose second input is a constant (an initializer)."""
+def weight_bearing_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ("MatMul", "Gemm")) -> list[str]:
+    """Names of ``op_types`` nodes whose second input is a constant (an initializer or Constant)."""
     constants = {init.name for init in model.graph.initializer}
     constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     return [
         n.name
         for n in model.graph.node
-        if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 and n.input[1] in constants
+        if n.op_type in op_types and len(n.input) > 1 and n.input[1] in constants
     ]
 
 
@@ -99,7 +102,7 @@ class Int8StaticQuantizer(Quantizer):
             quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
             nodes = weight_bearing_nodes(onnx.load(str(prepped)))
             if not nodes:
-                raise RuntimeError(f"{src}: no MatMul/Gemm/Conv node with constant weights to quantize")
+                raise RuntimeError(f"{src}: no MatMul/Gemm node with constant weights to quantize")
             calibration.rewind()
             quantize_static(
                 str(prepped),
