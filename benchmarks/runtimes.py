@@ -40,19 +40,6 @@ def time_calls(fn, warmup: int, duration_s: float, min_calls: int = 5) -> tuple[
     return times, time.perf_counter() - t_start
 
 
-def throughput_cell(runtime, x: np.ndarray, warmup: int, duration_s: float) -> dict[str, Any]:
-    """Throughput (samples/s) and latency (ms) of ``runtime`` on the batch ``x``."""
-    name = runtime_input_name(runtime)
-    times, elapsed = time_calls(lambda: runtime.run({name: x}), warmup, duration_s)
-    return {
-        "batch": len(x),
-        "calls": len(times),
-        "samples_per_s": len(x) * len(times) / elapsed,
-        "latency_ms_p50": percentile(times, 50) * 1e3,
-        "latency_ms_p99": percentile(times, 99) * 1e3,
-    }
-
-
 def runtime_input_name(runtime) -> str:
     names = getattr(runtime, "input_names", None)
     if names:
@@ -82,30 +69,63 @@ def run_runtimes(
     duration_s: float,
     backends: tuple[str, ...] = BACKENDS,
     log=print,
+    rounds: int = 5,
 ) -> list[dict[str, Any]]:
-    """Every (model, backend, batch) cell, with the backend's test-split accuracy on each row."""
+    """Every (model, backend, batch) cell, with the backend's test-split accuracy on each row.
+
+    The cells of one model are measured in ``rounds`` interleaved rounds (every backend and batch once
+    per round, ``duration_s / rounds`` each), and throughput is the median over rounds: on a shared
+    virtual machine throughput drifts by tens of percent over minutes, and interleaving keeps that
+    drift from landing on one backend. The spread (min / max over rounds) is kept in the row.
+    """
     threads = server_threads()
     rows = []
     for model, art in arts.items():
-        for backend in backends:
-            runtime = load_runtime(art, backend, threads)
-            acc = accuracy(runtime, x, labels)
+        loaded = {backend: load_runtime(art, backend, threads) for backend in backends}
+        accs = {backend: accuracy(rt, x, labels) for backend, rt in loaded.items()}
+        inputs = {b: batch_of(x, b) for b in batches}
+        names = {backend: runtime_input_name(rt) for backend, rt in loaded.items()}
+        per_round: dict[tuple[str, int], list[float]] = {(bk, b): [] for bk in backends for b in batches}
+        times: dict[tuple[str, int], list[float]] = {(bk, b): [] for bk in backends for b in batches}
+        for backend, rt in loaded.items():  # warm every cell up before any is timed
             for b in batches:
-                cell = throughput_cell(runtime, batch_of(x, b), warmup, duration_s)
+                time_calls(
+                    lambda rt=rt, n=names[backend], xb=inputs[b]: rt.run({n: xb}), warmup, 0, min_calls=0
+                )
+        for _ in range(rounds):
+            for backend, rt in loaded.items():
+                for b in batches:
+                    fn = lambda rt=rt, n=names[backend], xb=inputs[b]: rt.run({n: xb})  # noqa: E731
+                    calls, elapsed = time_calls(fn, 0, duration_s / rounds, min_calls=3)
+                    per_round[(backend, b)].append(b * len(calls) / elapsed)
+                    times[(backend, b)] += calls
+        for backend in backends:
+            for b in batches:
+                tput, t = per_round[(backend, b)], times[(backend, b)]
+                cell = {
+                    "batch": b,
+                    "calls": len(t),
+                    "rounds": rounds,
+                    "samples_per_s": percentile(tput, 50),
+                    "samples_per_s_min": min(tput),
+                    "samples_per_s_max": max(tput),
+                    "latency_ms_p50": percentile(t, 50) * 1e3,
+                    "latency_ms_p99": percentile(t, 99) * 1e3,
+                }
                 rows.append(
                     {
                         "model": model,
                         "version": art.version,
                         "backend": backend,
                         "threads": threads,
-                        "test_accuracy": acc,
+                        "test_accuracy": accs[backend],
                         **cell,
                     }
                 )
                 log(
                     f"  runtime {model:<12} {backend:<17} batch {b:>2}: "
-                    f"{cell['samples_per_s']:9.1f} samples/s  "
-                    f"p50 {cell['latency_ms_p50']:7.2f} ms  acc {acc:.4f}"
+                    f"{cell['samples_per_s']:9.1f} samples/s (rounds {min(tput):.0f}-{max(tput):.0f})  "
+                    f"p50 {cell['latency_ms_p50']:7.2f} ms  acc {accs[backend]:.4f}"
                 )
-            del runtime
+        del loaded
     return rows

@@ -124,15 +124,16 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
         arts, x, labels, settings.runtime_batches, settings.runtime_warmup, settings.runtime_duration_s
     )
     print(f"3/3 served {SERVED_MODEL} (kiln serve process + load-generator processes)")
-    reference = runtimes.run_runtimes(
-        {SERVED_MODEL: arts[SERVED_MODEL]},
-        x,
-        labels,
-        settings.reference_batches,
-        settings.runtime_warmup,
-        settings.runtime_duration_s,
+    reference_kwargs = dict(
+        arts={SERVED_MODEL: arts[SERVED_MODEL]},
+        x=x,
+        labels=labels,
+        batches=settings.reference_batches,
+        warmup=settings.runtime_warmup,
+        duration_s=settings.runtime_duration_s,
         backends=("onnxruntime",),  # what the server runs by default
     )
+    before = runtimes.run_runtimes(**reference_kwargs)
     srv = served.run_served(
         kiln_home(),
         SERVED_MODEL,
@@ -140,6 +141,17 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
         settings.served_duration_s,
         settings.served_warmup_s,
     )
+    print("   in-process reference again, after the served cells")
+    after = runtimes.run_runtimes(**reference_kwargs)
+    # The served target compares against the better of the two reference measurements (the harder bar).
+    reference = [
+        {
+            **max(b, a, key=lambda r: r["samples_per_s"]),
+            "samples_per_s_before": b["samples_per_s"],
+            "samples_per_s_after": a["samples_per_s"],
+        }
+        for b, a in zip(before, after, strict=True)
+    ]
     results = {
         "suite": "vit",
         "quick": quick,
@@ -435,8 +447,10 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
     lines += [
         f"The server's runtimes (`serving.runtime.load_runtime`, {thr} intra-op threads as the server uses), "
         f"in process, on a fixed batch of test-split images: {s['runtime_warmup']} warm-up calls, "
-        f"then calls for "
-        f"{s['runtime_duration_s']:g} s; throughput = samples / elapsed, latency = per-call p50 / p99. "
+        f"then {s['runtime_duration_s']:g} s of calls per cell split into interleaved rounds (every "
+        "runtime and batch once per round); samples/s is the median over rounds, with the lowest and "
+        "highest round beside it — this machine is a shared VM whose throughput drifts by tens of "
+        "percent between minutes. Latency = per-call p50 / p99. "
         "Accuracy: the whole test split (270 images) through that runtime.",
         "",
     ]
@@ -446,6 +460,7 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
             r["backend"],
             r["batch"],
             fmt(r["samples_per_s"]),
+            _spread(r),
             fmt(r["latency_ms_p50"], 2),
             fmt(r["latency_ms_p99"], 2),
             f"{r['test_accuracy']:.4f}",
@@ -453,7 +468,10 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
         for r in results["runtimes"]
     ]
     lines += [
-        markdown_table(["model", "runtime", "batch", "samples/s", "p50 ms", "p99 ms", "test accuracy"], rows),
+        markdown_table(
+            ["model", "runtime", "batch", "samples/s", "rounds min-max", "p50 ms", "p99 ms", "test accuracy"],
+            rows,
+        ),
         "",
     ]
     lines += ["### 3. Served path", ""]
@@ -485,13 +503,30 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
         ),
         "",
     ]
-    lines += ["In-process reference (same model and graph, onnxruntime fp32, same thread count):", ""]
+    lines += [
+        "In-process reference (same model and graph, onnxruntime fp32, same thread count), measured before "
+        "and after the served cells; the target uses the higher of the two:",
+        "",
+    ]
     rows = [
-        [r["batch"], fmt(r["samples_per_s"]), fmt(r["latency_ms_p50"], 2), fmt(r["latency_ms_p99"], 2)]
+        [
+            r["batch"],
+            fmt(r["samples_per_s"]),
+            fmt(r.get("samples_per_s_before")),
+            fmt(r.get("samples_per_s_after")),
+            fmt(r["latency_ms_p50"], 2),
+            fmt(r["latency_ms_p99"], 2),
+        ]
         for r in results["served_reference"]
     ]
-    lines += [markdown_table(["batch", "samples/s", "p50 ms", "p99 ms"], rows)]
+    lines += [markdown_table(["batch", "samples/s used", "before", "after", "p50 ms", "p99 ms"], rows)]
     return "\n".join(lines)
+
+
+def _spread(row: dict[str, Any]) -> str:
+    if "samples_per_s_min" not in row:
+        return "-"
+    return f"{fmt(row['samples_per_s_min'])}-{fmt(row['samples_per_s_max'])}"
 
 
 def _display_path(path: Path) -> str:
