@@ -3,9 +3,10 @@
 A request joins the queue; the batch runs when it holds ``max_batch_size`` samples or when
 ``window_ms`` has passed since its oldest request arrived, whichever is first. The window is only
 waited for when there is evidence of concurrent traffic (more than one request queued, or the previous
-batch held more than one): a lone client is not made to pay the window on every request. One batch runs at a time
-per model and backend, on a dedicated thread (onnxruntime and torch release the GIL), so while a batch
-computes the next one fills up: under load batches grow by themselves even with a zero window.
+batch held more than one): a lone client is not made to pay the window on every request.
+One batch runs at a time per model and backend, on a dedicated thread (onnxruntime and torch release
+the GIL), so while a batch computes the next one fills up: under load batches grow by themselves even
+with a zero window.
 ``max_batch_size=1`` turns batching off (each request runs alone, in arrival order).
 """
 
