@@ -1,0 +1,63 @@
+import json
+import os
+
+import pytest
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from kiln.artifacts import ArtifactError, get_artifact, save_artifact
+from kiln.cli import app
+from model_zoo import create_model
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def restore_environ():
+    """`kiln serve` exports its settings as KILN_* variables; keep them from leaking into other tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    model = create_model("vit_softmax_tiny")
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return save_artifact("cli-model", path, {**model.kiln_config, "metrics": {"test_accuracy": 0.5}})
+
+
+def test_models_list_json_and_show(artifact):
+    r = runner.invoke(app, ["models", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    assert artifact.tag in [m["tag"] for m in json.loads(r.output)]
+    r = runner.invoke(app, ["models", "show", artifact.tag])
+    assert r.exit_code == 0 and '"architecture": "vit_softmax_tiny"' in r.output
+
+
+def test_models_delete_asks_then_deletes(artifact):
+    r = runner.invoke(app, ["models", "delete", artifact.tag], input="n\n")
+    assert r.exit_code == 1
+    get_artifact(artifact.tag)  # still there
+    r = runner.invoke(app, ["models", "delete", artifact.tag, "--yes"])
+    assert r.exit_code == 0 and f"deleted {artifact.tag}" in r.output
+    with pytest.raises(ArtifactError):
+        get_artifact(artifact.tag)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "resnet50"], "unknown model 'resnet50'"),
+        (["export", "no-such-model"], "no model 'no-such-model'"),
+        (["models", "show", "no-such-model"], "no model 'no-such-model'"),
+        (["serve", "--backend", "tensorflow", "--no-train"], "KILN_BACKEND='tensorflow'"),
+        (["bench", "resnet"], "unknown benchmark suite"),
+    ],
+)
+def test_errors_are_one_clear_line(argv, message, restore_environ):
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "Traceback" not in r.output
