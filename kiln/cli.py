@@ -87,27 +87,48 @@ def export_cmd(
 @app.command()
 def serve(
     models: Annotated[
-        str, typer.Option(help="Comma-separated model names or NAME:VERSION tags.")
+        str, typer.Option(envvar="KILN_MODELS", help="Comma-separated model names or NAME:VERSION tags.")
     ] = "vit-soft,vit-softmax",
     backend: Annotated[
         str,
         typer.Option(
-            help="Default runtime: onnxruntime, onnxruntime-int8, pytorch, tensorrt-fp16, tensorrt-int8."
+            envvar="KILN_BACKEND",
+            help="Default runtime: onnxruntime, onnxruntime-int8, pytorch, tensorrt-fp16, tensorrt-int8.",
         ),
     ] = "onnxruntime",
-    host: Annotated[str, typer.Option(help="Address to bind HTTP and gRPC to.")] = "0.0.0.0",
-    http_port: Annotated[int, typer.Option(help="HTTP port (task endpoints, /v2, /metrics).")] = 3000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC Open Inference Protocol port; 0 disables it.")] = 8001,
+    host: Annotated[
+        str, typer.Option(envvar="KILN_HOST", help="Address to bind HTTP and gRPC to.")
+    ] = "0.0.0.0",
+    http_port: Annotated[
+        int, typer.Option(envvar="KILN_HTTP_PORT", help="HTTP port (task endpoints, /v2, /metrics).")
+    ] = 3000,
+    grpc_port: Annotated[
+        int, typer.Option(envvar="KILN_GRPC_PORT", help="gRPC Open Inference Protocol port; 0 disables it.")
+    ] = 8001,
     batch_max_size: Annotated[
-        int, typer.Option(min=1, help="Adaptive batching: max samples per batch; 1 = off.")
+        int,
+        typer.Option(
+            envvar="KILN_BATCH_MAX_SIZE", min=1, help="Adaptive batching: max samples per batch; 1 = off."
+        ),
     ] = 32,
     batch_window_ms: Annotated[
-        float, typer.Option(min=0, help="Adaptive batching: max wait for a batch to fill.")
+        float,
+        typer.Option(
+            envvar="KILN_BATCH_WINDOW_MS", min=0, help="Adaptive batching: max wait for a batch to fill."
+        ),
     ] = 2.0,
     max_request_bytes: Annotated[
-        int, typer.Option(min=1024, help="Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED.")
+        int,
+        typer.Option(
+            envvar="KILN_MAX_REQUEST_BYTES",
+            min=1024,
+            help="Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED.",
+        ),
     ] = 8 * 1024 * 1024,
-    workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
+    workers: Annotated[int, typer.Option(envvar="KILN_WORKERS", min=1, help="Server worker processes.")] = 1,
+    log_level: Annotated[
+        str, typer.Option(envvar="KILN_LOG_LEVEL", help="Kiln's log level: DEBUG, INFO, WARNING, ERROR.")
+    ] = "INFO",
     train_missing: Annotated[
         bool, typer.Option("--train/--no-train", help="Train and export default models the store lacks.")
     ] = True,
@@ -115,7 +136,11 @@ def serve(
         int | None, typer.Option(min=1, help="Epochs for models trained here (default: the recipe's).")
     ] = None,
 ) -> None:
-    """Serve models over HTTP (BentoML) and gRPC, training and exporting missing ones first."""
+    """Serve models over HTTP (BentoML) and gRPC, training and exporting missing ones first.
+
+    Every setting can also come from its KILN_* environment variable (as the Kubernetes ConfigMap sets
+    them); a flag on the command line wins.
+    """
     from serving.config import ConfigError, ServeConfig
 
     env = {
@@ -128,6 +153,7 @@ def serve(
         "KILN_BATCH_WINDOW_MS": str(batch_window_ms),
         "KILN_MAX_REQUEST_BYTES": str(max_request_bytes),
         "KILN_WORKERS": str(workers),
+        "KILN_LOG_LEVEL": log_level,
     }
     os.environ.update(env)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("onnxruntime", "onnxruntime-int8", "pytorch", "tensorrt-fp16", "tensorrt-int8")
 
 
@@ -41,6 +42,7 @@ class ServeConfig:
     max_request_bytes: int
     workers: int
     threads: int  # onnxruntime / torch intra-op threads per runtime
+    log_level: str  # for Kiln's own loggers ("kiln.*")
 
     @classmethod
     def from_env(cls) -> ServeConfig:
@@ -52,6 +54,9 @@ class ServeConfig:
         backend = os.environ.get("KILN_BACKEND", "onnxruntime")
         if backend not in BACKENDS:
             raise ConfigError(f"KILN_BACKEND={backend!r} is not a backend; valid: {list(BACKENDS)}")
+        log_level = os.environ.get("KILN_LOG_LEVEL", "INFO").upper()
+        if log_level not in _LOG_LEVELS:
+            raise ConfigError(f"KILN_LOG_LEVEL={log_level!r} is not a log level; valid: {list(_LOG_LEVELS)}")
         return cls(
             models=models,
             backend=backend,
@@ -63,4 +68,5 @@ class ServeConfig:
             max_request_bytes=_number("KILN_MAX_REQUEST_BYTES", 8 * 1024 * 1024, 1024),
             workers=_number("KILN_WORKERS", 1, 1),
             threads=_number("KILN_THREADS", min(4, os.cpu_count() or 1), 1),
+            log_level=log_level,
         )

@@ -32,6 +32,8 @@ from serving.repository import InferenceError, ModelRepository
 log = logging.getLogger("kiln.serving")
 
 CONFIG = ServeConfig.from_env()
+for _name in ("kiln", "serving"):  # Kiln's loggers: kiln.* and the protocol front-ends (serving.oip.*)
+    logging.getLogger(_name).setLevel(CONFIG.log_level)
 REPOSITORY = ModelRepository()
 MAX_IMAGE_SIDE = 1024
 

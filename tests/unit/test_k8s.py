@@ -183,6 +183,20 @@ def test_env_comes_from_the_rendered_configmap(target: str) -> None:
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_configmap_is_a_valid_server_configuration(target: str, monkeypatch) -> None:
+    """Every key is a setting Kiln reads, and the server would start with these values."""
+    from serving.config import ServeConfig
+
+    data = _one(_render(target), "ConfigMap")["data"]
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    config = ServeConfig.from_env()  # raises ConfigError on a bad value (e.g. an unknown backend)
+    read = {f"KILN_{field.upper()}" for field in ServeConfig.__dataclass_fields__} | {"KILN_HOME"}
+    assert set(data) <= read, f"ConfigMap keys Kiln never reads: {sorted(set(data) - read)}"
+    assert config.backend == data["KILN_BACKEND"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_every_container_has_requests_and_limits(target: str) -> None:
     pod = _one(_render(target), "Deployment")["spec"]["template"]["spec"]
     for container in pod["containers"] + pod.get("initContainers", []):
@@ -226,4 +240,4 @@ def test_gpu_overlay_requests_a_gpu_on_gpu_nodes() -> None:
     assert str(container["resources"]["limits"][GPU_RESOURCE]) == "1"
     assert pod["nodeSelector"]
     assert any(toleration["key"] == GPU_RESOURCE for toleration in pod["tolerations"])
-    assert _one(docs, "ConfigMap")["data"]["KILN_BACKEND"] == "tensorrt"
+    assert _one(docs, "ConfigMap")["data"]["KILN_BACKEND"] == "tensorrt-fp16"

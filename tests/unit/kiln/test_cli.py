@@ -61,3 +61,13 @@ def test_errors_are_one_clear_line(argv, message, restore_environ):
     r = runner.invoke(app, argv)
     assert r.exit_code == 1, r.output
     assert message in r.output and "Traceback" not in r.output
+
+
+def test_serve_reads_settings_from_kiln_environment_variables(restore_environ):
+    """The Kubernetes ConfigMap sets KILN_*; `kiln serve` with no flags must honour them."""
+    r = runner.invoke(app, ["serve", "--no-train"], env={"KILN_BACKEND": "bogus-backend"})
+    assert r.exit_code == 1 and "KILN_BACKEND='bogus-backend'" in r.output
+    r = runner.invoke(
+        app, ["serve", "--no-train", "--backend", "also-bogus"], env={"KILN_BACKEND": "pytorch"}
+    )
+    assert "KILN_BACKEND='also-bogus'" in r.output  # a flag wins over the environment
