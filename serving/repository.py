@@ -75,7 +75,6 @@ class ModelRepository:
 
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> version -> ServedModel
     default_versions: dict[str, str] = field(default_factory=dict)
-    unavailable: list[ModelEntry] = field(default_factory=list)
 
     def add(self, model: ServedModel, default: bool = True) -> None:
         self.models.setdefault(model.name, {})[model.version] = model
@@ -102,7 +101,7 @@ class ModelRepository:
             for versions in self.models.values()
             for m in versions.values()
         ]
-        return sorted(rows + list(self.unavailable), key=lambda e: (e.name, e.version))
+        return sorted(rows, key=lambda e: (e.name, e.version))
 
     def ready(self) -> bool:
         return bool(self.models) and all(m.ready() for v in self.models.values() for m in v.values())
