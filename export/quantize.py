@@ -9,9 +9,9 @@ object, so any data source (training images, sampler trajectories) can feed any 
 from the calibration set. Only the weight-bearing linear layers (MatMul/Gemm with a constant weight) are
 quantized: activation×activation products such as SOFT's kernel matrices and its Newton–Raphson
 pseudo-inverse iterations stay fp32, since an 8-bit Newton iteration does not converge. Convolutions
-(the patch embedding, SOFT's landmark and depthwise V convolutions) stay fp32 too: measured on this
-project's ViTs on a 2-core x86 CPU, quantizing them made the int8 graph 2-3x slower than without them
-(small and depthwise int8 convolutions have no fast kernels in onnxruntime's CPU provider).
+(the patch embedding, SOFT's landmark and depthwise V convolutions) stay fp32 too: with them quantized
+the int8 graph ran slower than fp32 on this project's ViTs (BENCHMARKS.md, run `567d2e8`; small and
+depthwise int8 convolutions have no fast kernels in onnxruntime's CPU provider).
 """
 
 from __future__ import annotations
