@@ -1,125 +1,173 @@
-"""``kiln export``: artifact → ONNX (parity-checked) → int8 QDQ graph → TensorRT engines, one store tag.
+"""``kiln export``: artifact → ONNX (parity-checked) → 8-bit graphs → TensorRT engines, one store tag.
 
-Each format's file goes into the artifact's directory and its facts (parity, accuracy, settings) into
+What differs per task lives in its :class:`ExportSpec` (``export.classification``,
+``export.diffusion``, ...), looked up by the artifact's ``task``: the example inputs the graph is traced
+with, the held-out inputs parity is checked on, the calibration sets the quantizers ask for, and the
+quality metric every exported graph is measured with. The steps themselves are the same for every task.
+
+Each format's file goes into the artifact's directory and its facts (parity, quality, settings) into
 ``kiln.json`` under ``exports``. A parity failure removes the bad file and raises: a graph that does not
-match PyTorch is never served.
+match PyTorch is never served. A re-export is staged next to the old file and replaces it only once it
+passed, so a failed re-export never clobbers a good graph.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
+from export.classification import ClassifierExport
 from export.onnx import export_onnx, max_abs_diff
-from export.quantize import CalibrationReader, get_quantizer
+from export.quantize import QUANTIZERS, CalibrationReader, get_quantizer
 from kiln.accelerators import tensorrt_status
 from kiln.artifacts import Artifact, get_artifact, load_torch_model
-from training.data import split_inputs
 
-FORMATS = ("onnx", "int8-static", "fp16-trt", "int8-trt")
-PARITY_ATOL = 1e-4  # fp32 ONNX vs eager PyTorch, max |Δlogit|
-CALIBRATION_SAMPLES = 256  # drawn from the training split
-PARITY_SAMPLES = 64  # held-out (validation split) inputs
+PARITY_ATOL = 1e-4  # fp32 ONNX vs eager PyTorch, max |Δ output|
 
 
 class ExportError(Exception):
     """An export step produced something Kiln will not serve."""
 
 
-def onnx_accuracy(path, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128) -> float:
-    """Top-1 accuracy of an ONNX classifier under onnxruntime (CPU)."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    preds = np.concatenate(
-        [
-            sess.run(None, {name: inputs[i : i + batch_size]})[0].argmax(-1)
-            for i in range(0, len(inputs), batch_size)
-        ]
-    )
-    return float((preds == labels).mean())
+class ExportSpec(Protocol):
+    """What the export pipeline needs to know about one task."""
+
+    task: ClassVar[str]  # the artifact manifest's "task"
+    formats: ClassVar[tuple[str, ...]]  # "onnx" first, then QUANTIZERS names, in build order
+    default_formats: ClassVar[tuple[str, ...]]  # what `kiln serve` makes sure exists
+    int8_format: ClassVar[str]  # the int8 graph served as "onnxruntime-int8" and built into int8 engines
+
+    def example_inputs(self, art: Artifact) -> dict[str, np.ndarray]:
+        """A small batch (≥ 2 rows) to trace the graph with, by graph input name, in forward's order."""
+
+    def parity_inputs(self, art: Artifact) -> tuple[dict[str, np.ndarray], str]:
+        """Held-out inputs that ONNX must match PyTorch on, and a description for the manifest."""
+
+    def calibration(self, art: Artifact, name: str) -> CalibrationReader:
+        """The calibration set a quantizer asks for by name (``Quantizer.calibration``)."""
+
+    def quality(self, art: Artifact, graph: Path) -> dict[str, Any]:
+        """The task's quality metrics of one exported ONNX graph (e.g. ``test_accuracy``)."""
+
+
+SPECS: dict[str, type[ExportSpec]] = {cls.task: cls for cls in (ClassifierExport,)}
+
+
+def spec_for(art: Artifact) -> ExportSpec:
+    task = art.manifest.get("task", "")
+    try:
+        return SPECS[task]()
+    except KeyError:
+        raise ExportError(
+            f"{art.tag}: no export spec for task {task!r}; known tasks: {sorted(SPECS)}"
+        ) from None
+
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
 def export_artifact(
     tag: str,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] | None = None,
     *,
     atol: float = PARITY_ATOL,
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> Artifact:
-    """Export an artifact to the requested formats; returns the updated artifact."""
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        raise ValueError(f"unknown export format(s) {unknown}; valid: {list(FORMATS)}")
+    """Export an artifact to the requested formats (default: every format of its task).
+
+    Raises:
+        ValueError: a format that does not exist, or that the artifact's task does not export.
+        ArtifactError: no such artifact.
+        ExportError: a graph failed its parity check, or a format's source export is missing.
+    """
+    known = ("onnx", *QUANTIZERS)
+    if formats is not None:
+        unknown = sorted(set(formats) - set(known))
+        if unknown:
+            raise ValueError(f"unknown export format(s) {unknown}; valid: {list(known)}")
     art = get_artifact(tag)
-    size = tuple(art.manifest["preprocess"]["size"])
-    input_name = art.manifest["inputs"][0]["name"]
-    output_name = art.manifest["outputs"][0]["name"]
-    test_x, test_y = split_inputs("test", size)
-    steps = [f for f in FORMATS if f in formats]
+    spec = spec_for(art)
+    if formats is None:
+        formats = spec.formats
+    foreign = sorted(set(formats) - set(spec.formats))
+    if foreign:
+        raise ValueError(
+            f"{art.tag} is a {spec.task!r} model; it does not export {foreign}. "
+            f"Its formats: {list(spec.formats)}"
+        )
+    steps = [f for f in spec.formats if f in formats]
     bar = tqdm(steps, desc=f"export {art.tag}", unit="format", disable=not progress)
     for fmt in bar:
         bar.set_postfix(format=fmt)
         t0 = time.perf_counter()
         if fmt == "onnx":
-            model = load_torch_model(art)
-            val_x, _ = split_inputs("val", size)
-            path = art.file("model.onnx")
-            staged = path.with_name(path.name + ".staged")  # a failed re-export never clobbers a good graph
-            export_onnx(
-                model, torch.from_numpy(val_x[:2]), staged, input_name=input_name, output_name=output_name
-            )
-            diff = max_abs_diff(model, staged, val_x[:PARITY_SAMPLES])
-            if not diff <= atol:  # also catches NaN
-                staged.unlink(missing_ok=True)
-                raise ExportError(
-                    f"{art.tag}: ONNX output differs from PyTorch by {diff:.3g} > tolerance {atol:g} "
-                    f"on {PARITY_SAMPLES} held-out inputs; the new graph was discarded"
-                )
-            os.replace(staged, path)
-            entry = {
-                "file": path.name,
-                "max_abs_diff": diff,
-                "atol": atol,
-                "parity_inputs": f"{PARITY_SAMPLES} validation-split images",
-                "test_accuracy": onnx_accuracy(path, test_x, test_y),
-            }
-        elif fmt == "int8-static":
-            src = _require(art, "onnx", fmt)
-            train_x, _ = split_inputs("train", size)
-            calib = CalibrationReader(input_name, train_x[:CALIBRATION_SAMPLES])
-            dst = art.file("model.int8.onnx")
-            staged = dst.with_name(dst.name + ".staged")
-            facts = get_quantizer(fmt).quantize(src, staged, calib)
-            os.replace(staged, dst)
-            entry = {
-                "file": dst.name,
-                **facts,
-                "test_accuracy": onnx_accuracy(dst, test_x, test_y),
-                "fp32_test_accuracy": art.export("onnx")["test_accuracy"],
-            }
-        else:  # TensorRT engines
-            ok, reason = tensorrt_status()
-            if not ok:
-                log(f"skipping {fmt}: {reason}")
-                continue
+            entry = _export_onnx(art, spec, atol)
+        else:
             quantizer = get_quantizer(fmt)
-            src = _require(art, quantizer.source, fmt)
+            if quantizer.output_suffix.endswith(".plan"):
+                ok, reason = tensorrt_status()
+                if not ok:
+                    log(f"skipping {fmt}: {reason}")
+                    continue
+            source = spec.int8_format if quantizer.source == "int8" else quantizer.source
+            src = _require(art, source, fmt)
             dst = art.file("model" + quantizer.output_suffix)
             staged = dst.with_name(dst.name + ".staged")
-            facts = quantizer.quantize(src, staged)
+            calib = spec.calibration(art, quantizer.calibration) if quantizer.calibration else None
+            facts = quantizer.quantize(src, staged, calib)
             os.replace(staged, dst)
             entry = {"file": dst.name, **facts}
+            if fmt == spec.int8_format:
+                entry["backend"] = "onnxruntime-int8"
+            elif "precision" in facts:  # a TensorRT engine
+                entry["backend"] = f"tensorrt-{facts['precision']}"
+            if dst.suffix == ".onnx":
+                fp32 = art.export("onnx")
+                quality = spec.quality(art, dst)
+                entry.update(quality)
+                entry.update({f"fp32_{k}": fp32[k] for k in quality if k in fp32})
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         art.update(exports={fmt: entry})
         log(f"{art.tag}: {fmt} → {entry['file']}" + _summary(entry))
     return art
+
+
+def _export_onnx(art: Artifact, spec: ExportSpec, atol: float) -> dict[str, Any]:
+    model = load_torch_model(art)
+    path = art.file("model.onnx")
+    staged = path.with_name(path.name + ".staged")
+    export_onnx(
+        model,
+        _tensors(spec.example_inputs(art)),
+        staged,
+        output_names=[t["name"] for t in art.manifest["outputs"]],
+    )
+    inputs, described = spec.parity_inputs(art)
+    diff = max_abs_diff(model, staged, inputs)
+    if not diff <= atol:  # also catches NaN
+        staged.unlink(missing_ok=True)
+        raise ExportError(
+            f"{art.tag}: ONNX output differs from PyTorch by {diff:.3g} > tolerance {atol:g} "
+            f"on {described}; the new graph was discarded"
+        )
+    os.replace(staged, path)
+    return {
+        "file": path.name,
+        "backend": "onnxruntime",
+        "max_abs_diff": diff,
+        "atol": atol,
+        "parity_inputs": described,
+        **spec.quality(art, path),
+    }
 
 
 def _require(art: Artifact, fmt: str, needed_by: str):
@@ -135,6 +183,7 @@ def _summary(entry: dict) -> str:
     parts = []
     if "max_abs_diff" in entry:
         parts.append(f"max|Δ|={entry['max_abs_diff']:.2e}")
-    if "test_accuracy" in entry:
-        parts.append(f"test acc={entry['test_accuracy']:.4f}")
+    for key, value in entry.items():
+        if isinstance(value, float) and key not in ("max_abs_diff", "atol", "seconds") and "fp32_" not in key:
+            parts.append(f"{key.replace('_', ' ')}={value:.4f}")
     return f" ({', '.join(parts)})" if parts else ""

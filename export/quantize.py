@@ -2,7 +2,10 @@
 
 ``QUANTIZERS`` maps a method name to its class (after diffusers' quantizer mapping); each takes an fp32
 ONNX file and writes a quantized one. Calibration data comes from a :class:`CalibrationReader`, its own
-object, so any data source (training images, sampler trajectories) can feed any method.
+object, so any data source (training images, sampler trajectories) can feed any method: a quantizer
+names the calibration set it wants (``calibration``) and the task's export spec
+(:mod:`export.pipeline`) produces it. The TensorRT builds (:mod:`export.tensorrt`) fit the same
+:class:`Quantizer` protocol; this module imports them, never the other way round.
 
 ``int8-static``: onnxruntime static quantization in QDQ format — uint8 activations, int8 weights
 (the pairing onnxruntime recommends for x86 CPUs; VNNI cores need no reduced range), MinMax ranges
@@ -16,11 +19,10 @@ depthwise int8 convolutions have no fast kernels in onnxruntime's CPU provider).
 
 from __future__ import annotations
 
-import abc
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -32,6 +34,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from export.tensorrt import FP16TensorRT, Int8TensorRT
 
 
 class CalibrationReader(CalibrationDataReader):
@@ -61,14 +65,19 @@ class CalibrationReader(CalibrationDataReader):
         return len(self.samples)
 
 
-class Quantizer(abc.ABC):
-    """Turns an fp32 ONNX graph into an 8-bit one."""
+class Quantizer(Protocol):
+    """Turns an fp32 ONNX graph into an 8-bit (or fp16) one.
+
+    ``source``: the export it is built from (``onnx``, or a QDQ graph for explicit-quantization engines);
+    ``calibration``: the calibration set the task's export spec must provide, or None if it needs none.
+    """
 
     name: ClassVar[str]
     output_suffix: ClassVar[str]
+    source: ClassVar[str]
+    calibration: ClassVar[str | None]
 
-    @abc.abstractmethod
-    def quantize(self, src: Path, dst: Path, calibration: CalibrationReader) -> dict:
+    def quantize(self, src: Path, dst: Path, calibration: CalibrationReader | None) -> dict:
         """Write the quantized graph to ``dst``; returns facts to record in the artifact."""
 
 
@@ -83,9 +92,11 @@ def weight_bearing_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ("M
     ]
 
 
-class Int8StaticQuantizer(Quantizer):
+class Int8StaticQuantizer:
     name = "int8-static"
     output_suffix = ".int8.onnx"
+    source = "onnx"
+    calibration = "default"  # the task's own calibration set (training images for classifiers)
 
     def __init__(self, per_channel: bool = False, method: str = "minmax"):
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}
@@ -126,20 +137,14 @@ class Int8StaticQuantizer(Quantizer):
         }
 
 
-QUANTIZERS: dict[str, type[Quantizer]] = {Int8StaticQuantizer.name: Int8StaticQuantizer}
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    cls.name: cls for cls in (Int8StaticQuantizer, FP16TensorRT, Int8TensorRT)
+}
 
 
 def get_quantizer(name: str, **kwargs) -> Quantizer:
     try:
-        return QUANTIZERS[name](**kwargs)
+        cls = QUANTIZERS[name]
     except KeyError:
         raise ValueError(f"unknown quantization method {name!r}; valid: {sorted(QUANTIZERS)}") from None
-
-
-def _register_tensorrt() -> None:
-    from export.tensorrt import FP16TensorRT, Int8TensorRT  # imports tensorrt lazily, only when building
-
-    QUANTIZERS.update({FP16TensorRT.name: FP16TensorRT, Int8TensorRT.name: Int8TensorRT})
-
-
-_register_tensorrt()
+    return cls(**kwargs)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from export.quantize import CalibrationReader, Quantizer
 from kiln.accelerators import tensorrt_status
 
 MAX_BATCH = 64  # the optimisation profile covers batch 1..MAX_BATCH, tuned for OPT_BATCH
@@ -72,11 +71,16 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str) -> dict:
     }
 
 
-class _TensorRTBuild(Quantizer):
+class _TensorRTBuild:
+    """A TensorRT engine build behind :class:`export.quantize.Quantizer`'s interface."""
+
+    name: ClassVar[str]
+    output_suffix: ClassVar[str]
     precision: ClassVar[str]
     source: ClassVar[str]  # which exported ONNX graph the engine is built from
+    calibration: ClassVar[str | None] = None  # int8 scales come from the QDQ graph, fp16 needs none
 
-    def quantize(self, src: Path, dst: Path, calibration: CalibrationReader | None = None) -> dict:
+    def quantize(self, src: Path, dst: Path, calibration=None) -> dict:
         return {"method": self.name, "source": self.source, **build_engine(src, dst, self.precision)}
 
 
@@ -91,4 +95,4 @@ class Int8TensorRT(_TensorRTBuild):
     name = "int8-trt"
     output_suffix = ".int8.plan"
     precision = "int8"
-    source = "int8-static"  # explicit quantization: built from the QDQ graph
+    source = "int8"  # explicit quantization: built from the task's int8 QDQ graph (ExportSpec.int8_format)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from enum import Enum
 from typing import Annotated
 
 import typer
@@ -21,13 +20,6 @@ models_app = typer.Typer(help="List, inspect and delete artifacts in the model s
 app.add_typer(models_app, name="models")
 
 
-class Format(str, Enum):
-    onnx = "onnx"
-    int8_static = "int8-static"
-    fp16_trt = "fp16-trt"
-    int8_trt = "int8-trt"
-
-
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
@@ -35,7 +27,13 @@ def _fail(message: str) -> None:
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Argument(help="Recipe to train: vit-soft, vit-soft-norm or vit-softmax.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Recipe to train: vit-soft, vit-soft-norm, vit-softmax (classifiers), "
+            "diffusion-digits (class-conditional diffusion)."
+        ),
+    ],
     epochs: Annotated[int | None, typer.Option(min=1, help="Override the recipe's epoch count.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation.")] = 0,
     export: Annotated[
@@ -49,15 +47,12 @@ def train(
     if model not in RECIPES:
         _fail(f"unknown model {model!r}; trainable: {', '.join(sorted(RECIPES))}")
     result = run_training(model, epochs=epochs, seed=seed)
-    typer.echo(
-        f"saved {result.artifact.tag}: val acc {result.val_accuracy:.4f}, "
-        f"test acc {result.test_accuracy:.4f}, {result.seconds:.0f}s"
-    )
+    typer.echo(result.summary())
     if export:
-        _export(result.artifact.tag, [f.value for f in Format])
+        _export(result.artifact.tag, None)
 
 
-def _export(tag: str, formats: list[str]) -> None:
+def _export(tag: str, formats: list[str] | None) -> None:
     from export.pipeline import ExportError, export_artifact
     from kiln.artifacts import ArtifactError
 
@@ -71,17 +66,22 @@ def _export(tag: str, formats: list[str]) -> None:
 def export_cmd(
     model: Annotated[str, typer.Argument(help="Artifact to export: NAME (latest) or NAME:VERSION.")],
     formats: Annotated[
-        list[Format] | None,
+        list[str] | None,
         typer.Option(
-            "--format", "-f", help="Format(s) to build; repeatable. Default: all (TensorRT only on GPU)."
+            "--format",
+            "-f",
+            help="Format(s) to build; repeatable. Classifiers: onnx, int8-static, fp16-trt, int8-trt. "
+            "Diffusion: onnx, int8-ptq4dm, int8-uniform, int8-noised, fp16-trt, int8-trt. "
+            "Default: every format of the model's task (TensorRT only on a GPU).",
         ),
     ] = None,
 ) -> None:
-    """Export an artifact: ONNX (parity-checked), int8 static PTQ (QDQ), TensorRT fp16/int8 engines.
+    """Export an artifact: ONNX (parity-checked), 8-bit PTQ graphs (QDQ), TensorRT fp16/int8 engines.
 
-    Every format is stored under the artifact's model-store tag; its parity/accuracy go into kiln.json.
+    Every format is stored under the artifact's model-store tag; its parity and quality (test accuracy,
+    FID-digits...) go into kiln.json.
     """
-    _export(model, [f.value for f in (formats or list(Format))])
+    _export(model, formats)
 
 
 @app.command()
@@ -161,7 +161,7 @@ def serve(
     except ConfigError as exc:
         _fail(str(exc))
     _ensure_models(config.models, train_missing, train_epochs)
-    typer.echo(f"HTTP  http://localhost:{http_port}  (POST /classify, /v2/..., GET /metrics)")
+    typer.echo(f"HTTP  http://localhost:{http_port}  (task routes: /docs.json; /v2/...; GET /metrics)")
     if grpc_port:
         typer.echo(f"gRPC  localhost:{grpc_port}  (inference.GRPCInferenceService)")
     cmd = [
@@ -193,7 +193,9 @@ def _ensure_models(tags: tuple[str, ...], train_missing: bool, epochs: int | Non
             from training.trainer import train as run_training
 
             art = run_training(tag, epochs=epochs).artifact
-        missing = [f for f in ("onnx", "int8-static") if not art.export(f)]
+        from export.pipeline import spec_for
+
+        missing = [f for f in spec_for(art).default_formats if not art.export(f)]
         if missing:
             if not train_missing:
                 _fail(f"{art.tag} lacks exports {missing}; run `kiln export {art.tag}`")

@@ -1,17 +1,19 @@
 """A loaded artifact: its runtimes (one per backend), an adaptive batcher each, and its tensor specs.
 
-Implements :class:`serving.repository.ServedModel` for the protocol front-ends, plus ``classify`` for
-the task endpoint (preprocessing and probabilities at the edge).
+:class:`LoadedModel` implements :class:`serving.repository.ServedModel` for the protocol front-ends and
+is the same for every task. A task's served model (``serving.tasks.*``) derives from it and adds the
+task's own methods (``classify``, ``generate``...), with decoding and encoding at the edge; it may also
+change how requests are scheduled onto the runtime (``batch_max_size``).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import numpy as np
 
 from kiln.artifacts import Artifact
-from kiln.imaging import to_model_input
 from serving import metrics
 from serving.batching import AdaptiveBatcher
 from serving.config import ServeConfig
@@ -24,7 +26,9 @@ MAX_REQUEST_BATCH = 64  # largest batch one request may carry (the OIP config's 
 
 
 class LoadedModel:
-    def __init__(self, art: Artifact, config: ServeConfig):
+    task: ClassVar[str] = ""  # the artifact manifest's "task" this class serves
+
+    def __init__(self, art: Artifact, config: ServeConfig, *, batch_max_size: int | None = None):
         self.artifact = art
         self.name = art.name
         self.version = art.version
@@ -36,7 +40,6 @@ class LoadedModel:
             TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in art.manifest["outputs"]
         ]
         self.labels = art.manifest.get("labels", [])
-        self.image_size = tuple(art.manifest["preprocess"]["size"])
 
         status = available_backends(art)
         if status.get(config.backend, "unknown backend"):
@@ -53,7 +56,7 @@ class LoadedModel:
             self.runtimes[backend] = runtime
             self.batchers[backend] = AdaptiveBatcher(
                 runtime.run,
-                max_batch_size=config.batch_max_size,
+                max_batch_size=batch_max_size or config.batch_max_size,
                 window_ms=config.batch_window_ms,
                 labels=labels,
             )
@@ -77,14 +80,6 @@ class LoadedModel:
 
     async def infer(self, inputs: dict[str, np.ndarray], backend: str | None = None) -> dict[str, np.ndarray]:
         return await self.batchers[self.resolve_backend(backend)].submit(inputs)
-
-    async def classify(self, images: np.ndarray, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, H, W)`` images in [0, 1] → (predicted label indices, probabilities)."""
-        x = to_model_input(images, self.image_size)
-        logits = (await self.infer({self.inputs[0].name: x}, backend))[self.outputs[0].name]
-        z = logits - logits.max(axis=-1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
-        return probs.argmax(-1), probs
 
     def close(self) -> None:
         for b in self.batchers.values():

@@ -19,8 +19,15 @@ from kiln.artifacts import Artifact, load_torch_model
 
 log = logging.getLogger("kiln.serving")
 
-_ONNX_FILES = {"onnxruntime": "onnx", "onnxruntime-int8": "int8-static"}
-_TRT_FILES = {"tensorrt-fp16": "fp16-trt", "tensorrt-int8": "int8-trt"}
+_ONNX_BACKENDS = ("onnxruntime", "onnxruntime-int8")
+_TRT_BACKENDS = ("tensorrt-fp16", "tensorrt-int8")
+# Artifacts exported before exports recorded the backend they serve (Kiln 0.1 classifiers).
+_LEGACY_EXPORTS = {
+    "onnxruntime": "onnx",
+    "onnxruntime-int8": "int8-static",
+    "tensorrt-fp16": "fp16-trt",
+    "tensorrt-int8": "int8-trt",
+}
 PLATFORMS = {
     "onnxruntime": "onnxruntime_onnx",
     "onnxruntime-int8": "onnxruntime_onnx",
@@ -43,7 +50,7 @@ class OnnxRuntime:
 
         t0 = time.perf_counter()
         self.backend = backend
-        path = art.file(art.export(_ONNX_FILES[backend])["file"])
+        path = art.file(export_for(art, backend)[1]["file"])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -90,7 +97,7 @@ class TensorRTRuntime:
         t0 = time.perf_counter()
         self.backend = backend
         self._torch = torch
-        plan = art.file(art.export(_TRT_FILES[backend])["file"]).read_bytes()
+        plan = art.file(export_for(art, backend)[1]["file"]).read_bytes()
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
         if self.engine is None:
             raise RuntimeError(f"{art.tag}: TensorRT could not deserialize the {backend} engine")
@@ -130,15 +137,31 @@ class TensorRTRuntime:
         return {k: v.cpu().numpy() for k, v in outs.items()}
 
 
+def export_for(art: Artifact, backend: str) -> tuple[str, dict | None]:
+    """(format, manifest entry) of the export that serves ``backend``; the entry is None if not exported.
+
+    The export pipeline records on each entry which backend it serves (the classifier's int8 graph is
+    ``int8-static``, the diffusion model's ``int8-ptq4dm``).
+    """
+    for fmt, entry in art.manifest.get("exports", {}).items():
+        if entry.get("backend") == backend:
+            return fmt, entry
+    fmt = _LEGACY_EXPORTS[backend]
+    entry = art.export(fmt)
+    return fmt, entry if entry is not None and "backend" not in entry else None
+
+
 def available_backends(art: Artifact) -> dict[str, str]:
     """backend → '' if loadable here, else the reason it is not."""
     out = {}
-    for backend, fmt in _ONNX_FILES.items():
-        out[backend] = "" if art.export(fmt) else f"not exported (kiln export {art.name} --format {fmt})"
+    for backend in _ONNX_BACKENDS:
+        fmt, entry = export_for(art, backend)
+        out[backend] = "" if entry else f"not exported (kiln export {art.name} --format {fmt})"
     out["pytorch"] = ""
     trt_ok, reason = tensorrt_status()
-    for backend, fmt in _TRT_FILES.items():
-        if not art.export(fmt):
+    for backend in _TRT_BACKENDS:
+        fmt, entry = export_for(art, backend)
+        if not entry:
             out[backend] = f"not exported (kiln export {art.name} --format {fmt})"
         else:
             out[backend] = "" if trt_ok else reason
@@ -146,10 +169,10 @@ def available_backends(art: Artifact) -> dict[str, str]:
 
 
 def load_runtime(art: Artifact, backend: str, threads: int) -> Runtime:
-    if backend in _ONNX_FILES:
+    if backend in _ONNX_BACKENDS:
         return OnnxRuntime(art, backend, threads)
     if backend == "pytorch":
         return TorchRuntime(art, threads)
-    if backend in _TRT_FILES:
+    if backend in _TRT_BACKENDS:
         return TensorRTRuntime(art, backend)
     raise ValueError(f"unknown backend {backend!r}; valid: {list(PLATFORMS)}")

@@ -1,18 +1,45 @@
-"""Named training recipes: which registry variant, which data, which hyperparameters.
+"""Named training recipes: which registry variant, which task, which data, which hyperparameters.
 
 ``kiln train NAME`` looks the name up here; the artifact in the model store is saved under the same
-name (``vit-soft:<version>``).
+name (``vit-soft:<version>``). Every task plugs in the same way: a frozen dataclass deriving from
+:class:`Recipe` with the task's hyperparameters and a :meth:`Recipe.trainer` naming the function that
+trains it, plus entries in :data:`RECIPES`. The trainer is imported only when it runs, so listing recipes
+(``kiln train --help``) stays cheap.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from training.trainer import TrainResult
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """What every recipe has; task recipes add their own fields."""
+
     architecture: str  # model_zoo registry name
+    epochs: int
+    description: str = ""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    task: str = ""  # the artifact's task; set by each subclass
+
+    def trainer(self) -> Callable[..., TrainResult]:
+        """``train(name, recipe, *, epochs, seed, progress) -> TrainResult`` for this recipe's task."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe(Recipe):
+    """Supervised image classification on the bundled digits (``training.classification``)."""
+
+    task: str = "image-classification"
     dataset: str = "digits"
     image_size: tuple[int, int] = (32, 32)  # digits are 8×8; the ViTs see them upsampled to 32×32
     epochs: int = 60
@@ -21,31 +48,58 @@ class Recipe:
     weight_decay: float = 0.05
     warmup_epochs: int = 3
     label_smoothing: float = 0.1
-    model_args: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def trainer(self):
+        from training.classification import train_classifier
+
+        return train_classifier
+
+
+@dataclass(frozen=True)
+class DiffusionRecipe(Recipe):
+    """Class-conditional ε-prediction diffusion on the bundled digits (``training.diffusion``)."""
+
+    task: str = "image-generation"
+    dataset: str = "digits"
+    image_size: tuple[int, int] = (16, 16)
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_epochs: int = 2
+    schedule: str = "cosine"  # model_zoo.schedulers.schedule.NoiseSchedule kind
+    num_train_timesteps: int = 1000
+    label_dropout: float = 0.1  # classifier-free guidance: share of labels replaced by the null label
+    ema_decay: float = 0.999
+
+    def trainer(self):
+        from training.diffusion import train_diffusion
+
+        return train_diffusion
 
 
 RECIPES: dict[str, Recipe] = {
-    "vit-soft": Recipe(
+    "vit-soft": ClassifierRecipe(
         architecture="vit_soft_tiny",
         epochs=40,
         description="SOFT: softmax-free linear-attention ViT (Gaussian kernel + Newton pseudo-inverse)",
     ),
-    "vit-soft-norm": Recipe(
+    "vit-soft-norm": ClassifierRecipe(
         architecture="vit_soft_norm_tiny",
         epochs=40,
         description="SOFT with symmetric normalisation D^-1/2 · pinv · D^-1/2",
     ),
-    "vit-softmax": Recipe(
+    "vit-softmax": ClassifierRecipe(
         architecture="vit_softmax_tiny",
         description="Baseline: the same ViT with standard softmax attention",
     ),
+    "diffusion-digits": DiffusionRecipe(
+        architecture="unet_digits16",
+        description="Class-conditional DDPM/DDIM UNet on 16×16 digits, classifier-free guidance, EMA",
+    ),
 }
 
-DEFAULT_MODELS = ("vit-soft", "vit-softmax")  # what `make serve` trains and serves
+DEFAULT_MODELS = ("vit-soft", "vit-softmax", "diffusion-digits")  # what `make serve` trains and serves
 
 
 def get_recipe(name: str) -> Recipe:

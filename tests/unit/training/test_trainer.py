@@ -40,7 +40,7 @@ def test_train_saves_a_complete_artifact(trained):
     assert m["architecture"] == RECIPES["vit-softmax"].architecture
     assert m["args"]["num_classes"] == 10 and m["preprocess"]["size"] == [32, 32]
     assert m["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 32, 32]}
-    assert m["metrics"]["val_accuracy"] == trained.val_accuracy
+    assert m["metrics"]["val_accuracy"] == trained.metrics["val_accuracy"]
     assert (
         0 <= m["metrics"]["test_accuracy"] <= 1
         and m["training"]["seed"] == 0

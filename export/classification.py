@@ -1,0 +1,63 @@
+"""Export spec of the image-classification task: digits images in, logits out, top-1 accuracy as quality.
+
+Parity is checked on validation-split images, calibration uses training-split images, and every exported
+graph's test-split accuracy is recorded (the test split is read here only to report, never to choose).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from export.quantize import CalibrationReader
+from kiln.artifacts import Artifact
+from training.data import split_inputs
+
+CALIBRATION_SAMPLES = 256  # drawn from the training split
+PARITY_SAMPLES = 64  # held-out (validation split) inputs
+
+
+def onnx_accuracy(path, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128) -> float:
+    """Top-1 accuracy of an ONNX classifier under onnxruntime (CPU)."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    preds = np.concatenate(
+        [
+            sess.run(None, {name: inputs[i : i + batch_size]})[0].argmax(-1)
+            for i in range(0, len(inputs), batch_size)
+        ]
+    )
+    return float((preds == labels).mean())
+
+
+class ClassifierExport:
+    task = "image-classification"
+    formats = ("onnx", "int8-static", "fp16-trt", "int8-trt")
+    default_formats = ("onnx", "int8-static")
+    int8_format = "int8-static"
+
+    @staticmethod
+    def _split(art: Artifact, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return split_inputs(split, tuple(art.manifest["preprocess"]["size"]))
+
+    def _input_name(self, art: Artifact) -> str:
+        return art.manifest["inputs"][0]["name"]
+
+    def example_inputs(self, art: Artifact) -> dict[str, np.ndarray]:
+        return {self._input_name(art): self._split(art, "val")[0][:2]}
+
+    def parity_inputs(self, art: Artifact) -> tuple[dict[str, np.ndarray], str]:
+        x = self._split(art, "val")[0][:PARITY_SAMPLES]
+        return {self._input_name(art): x}, f"{len(x)} validation-split images"
+
+    def calibration(self, art: Artifact, name: str) -> CalibrationReader:
+        if name != "default":
+            raise ValueError(f"{self.task} has one calibration set ('default'), not {name!r}")
+        x = self._split(art, "train")[0][:CALIBRATION_SAMPLES]
+        return CalibrationReader(self._input_name(art), x)
+
+    def quality(self, art: Artifact, graph: Path) -> dict[str, Any]:
+        return {"test_accuracy": onnx_accuracy(graph, *self._split(art, "test"))}

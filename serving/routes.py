@@ -1,0 +1,81 @@
+"""What every task's HTTP routes share: the FastAPI app they are mounted in, one error shape, model
+look-up by task, and request metrics.
+
+Task routes are typed (pydantic request and response models), so each has an OpenAPI schema, merged by
+BentoML into ``/docs.json``. Errors are ``{"error": "<message>"}`` — the same shape as the Open Inference
+Protocol routes — with 400 for a body that fails validation (naming the field), 404 for an unknown
+model or version, and whatever status an :class:`~serving.repository.InferenceError` carries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import TypeVar
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from kiln import __version__
+from serving.metrics import UNKNOWN_MODEL, record_request
+from serving.repository import InferenceError, ModelRepository
+
+log = logging.getLogger("kiln.serving")
+
+M = TypeVar("M")
+
+
+def create_task_app(routers: list[APIRouter]) -> FastAPI:
+    """One FastAPI app holding every task's routes, with Kiln's error shape."""
+    app = FastAPI(title="Kiln tasks", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    for router in routers:
+        app.include_router(router)
+
+    @app.exception_handler(InferenceError)
+    async def _inference_error(request: Request, exc: InferenceError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse({"error": "invalid request: " + "; ".join(problems)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error serving %s %s", request.method, request.url.path)
+        return JSONResponse({"error": f"internal server error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    return app
+
+
+def task_model(repo: ModelRepository, cls: type[M], name: str, version: str | None) -> M:
+    """The loaded model ``name`` (version), which must be served by ``cls``; else 404 / 400 naming why."""
+    model = repo.get(name, version or None)
+    if not isinstance(model, cls):
+        fitting = sorted(
+            n for n, versions in repo.models.items() if any(isinstance(m, cls) for m in versions.values())
+        )
+        raise InferenceError(
+            400,
+            f"model {name!r} is not a {cls.task} model (it serves {getattr(model, 'task', '?')}); "  # type: ignore[attr-defined]
+            f"{cls.task} models loaded: {fitting}",  # type: ignore[attr-defined]
+        )
+    return model
+
+
+@contextlib.contextmanager
+def observed(protocol: str = "http") -> Iterator[dict[str, str]]:
+    """Times one request and records its outcome; the caller fills in model, version and backend."""
+    labels = {"model": UNKNOWN_MODEL, "version": "", "backend": ""}
+    start, ok = time.perf_counter(), False
+    try:
+        yield labels
+        ok = True
+    finally:
+        record_request(**labels, protocol=protocol, ok=ok, seconds=time.perf_counter() - start)
