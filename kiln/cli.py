@@ -126,6 +126,14 @@ def serve(
         ),
     ] = 8 * 1024 * 1024,
     workers: Annotated[int, typer.Option(envvar="KILN_WORKERS", min=1, help="Server worker processes.")] = 1,
+    generation_batching: Annotated[
+        str,
+        typer.Option(
+            envvar="KILN_GENERATION_BATCHING",
+            help="Diffusion sampling: 'step' (concurrent /generate requests share denoiser batches step by "
+            "step) or 'request' (one request's sampling loop at a time).",
+        ),
+    ] = "step",
     log_level: Annotated[
         str, typer.Option(envvar="KILN_LOG_LEVEL", help="Kiln's log level: DEBUG, INFO, WARNING, ERROR.")
     ] = "INFO",
@@ -153,6 +161,7 @@ def serve(
         "KILN_BATCH_WINDOW_MS": str(batch_window_ms),
         "KILN_MAX_REQUEST_BYTES": str(max_request_bytes),
         "KILN_WORKERS": str(workers),
+        "KILN_GENERATION_BATCHING": generation_batching,
         "KILN_LOG_LEVEL": log_level,
     }
     os.environ.update(env)

@@ -105,6 +105,7 @@ class AdaptiveBatcher:
         metrics.COMPUTE_SECONDS.labels(**self._labels).observe(time.perf_counter() - start)
         metrics.EXEC_COUNT.labels(**self._labels).inc()
         metrics.INFERENCE_COUNT.labels(**self._labels).inc(total)
+        metrics.BATCH_SIZE.labels(**self._labels).observe(total)
         offset = 0
         for p in batch:
             if not p.future.done():  # the client may have gone away (cancelled)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("onnxruntime", "onnxruntime-int8", "pytorch", "tensorrt-fp16", "tensorrt-int8")
+GENERATION_BATCHING = ("step", "request")
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,9 @@ class ServeConfig:
     workers: int
     threads: int  # onnxruntime / torch intra-op threads per runtime
     log_level: str  # for Kiln's own loggers ("kiln.*")
+    # Diffusion sampling: "step" = concurrent requests share denoiser batches step by step;
+    # "request" = one request's sampling loop at a time (the baseline the benchmark compares against).
+    generation_batching: str = "step"
 
     @classmethod
     def from_env(cls) -> ServeConfig:
@@ -54,6 +58,12 @@ class ServeConfig:
         backend = os.environ.get("KILN_BACKEND", "onnxruntime")
         if backend not in BACKENDS:
             raise ConfigError(f"KILN_BACKEND={backend!r} is not a backend; valid: {list(BACKENDS)}")
+        generation_batching = os.environ.get("KILN_GENERATION_BATCHING", "step")
+        if generation_batching not in GENERATION_BATCHING:
+            raise ConfigError(
+                f"KILN_GENERATION_BATCHING={generation_batching!r} is not a mode; "
+                f"valid: {list(GENERATION_BATCHING)}"
+            )
         log_level = os.environ.get("KILN_LOG_LEVEL", "INFO").upper()
         if log_level not in _LOG_LEVELS:
             raise ConfigError(f"KILN_LOG_LEVEL={log_level!r} is not a log level; valid: {list(_LOG_LEVELS)}")
@@ -69,4 +79,5 @@ class ServeConfig:
             workers=_number("KILN_WORKERS", 1, 1),
             threads=_number("KILN_THREADS", min(4, os.cpu_count() or 1), 1),
             log_level=log_level,
+            generation_batching=generation_batching,
         )

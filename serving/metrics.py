@@ -38,6 +38,12 @@ EXEC_COUNT = prometheus_client.Counter(
     documentation="Model executions; inference_count / exec_count is the mean batch the runtime saw",
     labelnames=_LABELS,
 )
+BATCH_SIZE = prometheus_client.Histogram(
+    name="kiln_inference_batch_size",
+    documentation="Rows in each batch the runtime executed (adaptive batching; step-level for diffusion)",
+    labelnames=_LABELS,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 QUEUE_SECONDS = prometheus_client.Histogram(
     name="kiln_inference_queue_seconds",
     documentation="Time a request waited in the adaptive batcher before its batch ran",
@@ -61,6 +67,23 @@ MODEL_READY = prometheus_client.Gauge(
     documentation="1 when the model/version/backend is loaded and serving, else 0",
     labelnames=_LABELS,
     multiprocess_mode="livemax",
+)
+
+
+GENERATED_IMAGES = prometheus_client.Counter(
+    name="kiln_generated_images_total",
+    documentation="Images returned by /generate (after hallucination filtering), by sampler",
+    labelnames=[*_LABELS, "sampler"],
+)
+DENOISER_STEPS = prometheus_client.Counter(
+    name="kiln_denoiser_steps_total",
+    documentation="Sampler steps run by /generate, /invert and /reconstruct (one per request per step)",
+    labelnames=[*_LABELS, "sampler"],
+)
+HALLUCINATION_REJECTIONS = prometheus_client.Counter(
+    name="kiln_hallucination_rejections_total",
+    documentation="Oversampled images dropped by /generate's hallucination filter",
+    labelnames=_LABELS,
 )
 
 
