@@ -39,19 +39,31 @@ from export.tensorrt import FP16TensorRT, Int8TensorRT
 
 
 class CalibrationReader(CalibrationDataReader):
-    """Feeds calibration batches ``{input_name: array}`` to a quantizer; re-iterable via ``rewind``."""
+    """Feeds calibration batches ``{input_name: array}`` to a quantizer; re-iterable via ``rewind``.
 
-    def __init__(self, input_name: str, samples: np.ndarray, batch_size: int = 32):
-        if len(samples) == 0:
+    Either one input (``CalibrationReader("input", samples)``, float32) or several aligned by row
+    (``CalibrationReader({"sample": x, "timestep": t, "label": y})``, dtypes kept).
+    """
+
+    def __init__(
+        self, input_name: str | dict[str, np.ndarray], samples: np.ndarray | None = None, batch_size: int = 32
+    ):
+        if isinstance(input_name, dict):
+            inputs = {k: np.ascontiguousarray(v) for k, v in input_name.items()}
+        else:
+            inputs = {input_name: np.ascontiguousarray(samples, dtype=np.float32)}
+        sizes = {len(v) for v in inputs.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"calibration inputs must have the same number of rows, got {sizes}")
+        if sizes == {0}:
             raise ValueError("calibration needs at least one sample")
-        self.input_name = input_name
-        self.samples = np.ascontiguousarray(samples, dtype=np.float32)
+        self.inputs = inputs
         self.batch_size = batch_size
         self._it: Iterator[dict[str, np.ndarray]] | None = None
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        for i in range(0, len(self.samples), self.batch_size):
-            yield {self.input_name: self.samples[i : i + self.batch_size]}
+        for i in range(0, len(self), self.batch_size):
+            yield {k: v[i : i + self.batch_size] for k, v in self.inputs.items()}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._it is None:
@@ -62,7 +74,7 @@ class CalibrationReader(CalibrationDataReader):
         self._it = None
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(next(iter(self.inputs.values())))
 
 
 class Quantizer(Protocol):
@@ -93,16 +105,24 @@ def weight_bearing_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ("M
 
 
 class Int8StaticQuantizer:
+    """onnxruntime static quantization of the weight-bearing ``op_types`` nodes (QDQ format)."""
+
     name = "int8-static"
     output_suffix = ".int8.onnx"
     source = "onnx"
     calibration = "default"  # the task's own calibration set (training images for classifiers)
+    op_types: ClassVar[tuple[str, ...]] = ("MatMul", "Gemm")
+    default_per_channel: ClassVar[bool] = False
 
-    def __init__(self, per_channel: bool = False, method: str = "minmax"):
-        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}
+    def __init__(self, per_channel: bool | None = None, method: str = "minmax"):
+        methods = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }
         if method not in methods:
             raise ValueError(f"unknown calibration method {method!r}; valid: {sorted(methods)}")
-        self.per_channel = per_channel
+        self.per_channel = self.default_per_channel if per_channel is None else per_channel
         self.method = method
         self._method = methods[method]
 
@@ -111,9 +131,11 @@ class Int8StaticQuantizer:
             prepped = Path(tmp) / "prepped.onnx"
             # Symbolic shape inference cannot follow SOFT's Newton iterations; ONNX shape inference suffices.
             quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
-            nodes = weight_bearing_nodes(onnx.load(str(prepped)))
+            nodes = weight_bearing_nodes(onnx.load(str(prepped)), self.op_types)
             if not nodes:
-                raise RuntimeError(f"{src}: no MatMul/Gemm node with constant weights to quantize")
+                raise RuntimeError(
+                    f"{src}: no {'/'.join(self.op_types)} node with constant weights to quantize"
+                )
             calibration.rewind()
             quantize_static(
                 str(prepped),
@@ -132,13 +154,57 @@ class Int8StaticQuantizer:
             "activations": "uint8",
             "weights": "int8",
             "per_channel": self.per_channel,
-            "calibration": {"method": self.method, "samples": len(calibration)},
+            "calibration": {"set": self.calibration, "method": self.method, "samples": len(calibration)},
+            "quantized_ops": list(self.op_types),
             "quantized_nodes": len(nodes),
         }
 
 
+class _DiffusionW8A8(Int8StaticQuantizer):
+    """PTQ4DM's W8A8 for a diffusion denoiser: 8-bit weights (per output channel) and activations of every
+    convolution and linear layer, from a calibration set of (x_t, t, label) rows. The sets differ:
+    :class:`PTQ4DMQuantizer` (NDTC), :class:`UniformTimestepQuantizer`, :class:`ForwardNoiseQuantizer`;
+    the task's export spec (``export.diffusion``) builds them.
+    """
+
+    op_types = ("Conv", "MatMul", "Gemm")
+    default_per_channel = True
+
+
+class PTQ4DMQuantizer(_DiffusionW8A8):
+    """Calibrated on NDTC: time steps ~ N(0.4, 0.4) of the sampling trajectory, x_t from the fp32 sampler."""
+
+    name = "int8-ptq4dm"
+    output_suffix = ".ptq4dm.onnx"
+    calibration = "ndtc"
+
+
+class UniformTimestepQuantizer(_DiffusionW8A8):
+    """Calibrated on uniformly drawn time steps of the same fp32 sampler trajectories."""
+
+    name = "int8-uniform"
+    output_suffix = ".uniform.onnx"
+    calibration = "uniform"
+
+
+class ForwardNoiseQuantizer(_DiffusionW8A8):
+    """Calibrated on forward-noised training images (x_t = √ᾱ x0 + √(1 − ᾱ) ε, t uniform)."""
+
+    name = "int8-noised"
+    output_suffix = ".noised.onnx"
+    calibration = "forward-noise"
+
+
 QUANTIZERS: dict[str, type[Quantizer]] = {
-    cls.name: cls for cls in (Int8StaticQuantizer, FP16TensorRT, Int8TensorRT)
+    cls.name: cls
+    for cls in (
+        Int8StaticQuantizer,
+        PTQ4DMQuantizer,
+        UniformTimestepQuantizer,
+        ForwardNoiseQuantizer,
+        FP16TensorRT,
+        Int8TensorRT,
+    )
 }
 
 

@@ -15,11 +15,12 @@ from kiln.artifacts import Artifact
 from serving.config import ServeConfig
 from serving.model import LoadedModel
 from serving.repository import ModelRepository
-from serving.tasks import classification
+from serving.tasks import classification, generation
 
 # task name → (served model class, router factory)
 TASKS: dict[str, tuple[type[LoadedModel], Callable[[ModelRepository], APIRouter]]] = {
     classification.Classifier.task: (classification.Classifier, classification.router),
+    generation.Generator.task: (generation.Generator, generation.router),
 }
 
 

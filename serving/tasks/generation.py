@@ -1,0 +1,383 @@
+"""The image-generation task: class-conditional diffusion behind ``/generate``, ``/invert``, ``/reconstruct``.
+
+The exported graph is the denoiser alone (sample, timestep, label → noise); the samplers
+(``model_zoo.schedulers``) run here, as generator loops that ask for ε one step at a time. Every ε goes
+through the model's adaptive batcher, so concurrent requests share denoiser batches **step by step**:
+a request joins the running batch at whatever step it is on and leaves when its loop ends, rows carry
+their own time step, and a client that disconnects stops asking (its rows leave the next batch).
+``KILN_GENERATION_BATCHING=request`` runs one request's loop at a time instead (the baseline that
+``kiln bench diffusion`` compares against).
+
+Pixels at the edge: images in [0, 1] with white ink on black (the training digits' convention; the
+model works in [-1, 1]). ``/generate`` returns PNGs; ``/reconstruct`` returns floats too, since an 8-bit
+PNG could not carry BDIA's exact round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from kiln.imaging import resize_bilinear
+from model_zoo.schedulers import SAMPLERS, BDIASampler, NoiseSchedule, create_sampler
+from model_zoo.schedulers.hallucination import filter_lowest, hallucination_score
+from model_zoo.schedulers.loop import arun_sampler, invert_steps, reconstruct_steps, sample_steps
+from serving import metrics
+from serving.images import decode_image
+from serving.model import LoadedModel
+from serving.repository import InferenceError, ModelRepository
+from serving.routes import observed, task_model
+
+STEP_BATCH_ROWS = 256  # one denoiser batch: e.g. 16 concurrent requests × 8 images × 2 (guidance rows)
+MAX_IMAGES = 64  # per request
+MAX_WORK = 16 * 1000  # images × steps per request (before guidance doubling), bounded so a request ends
+HALLUCINATION_WINDOW = 10  # the paper's K: variance of x̂0 over the last 10 steps
+
+
+class ClientGone(Exception):
+    """The client disconnected; the sampling loop stops and frees its batch slots."""
+
+
+class Generator(LoadedModel):
+    task = "image-generation"
+
+    def __init__(self, art, config):
+        super().__init__(art, config, batch_max_size=STEP_BATCH_ROWS if config.batch_max_size > 1 else 1)
+        m = art.manifest
+        self.schedule = NoiseSchedule(**m["schedule"])
+        self.null_label = m["null_label"]
+        self.num_classes = len(self.labels)
+        self.image_size = tuple(m["image"]["size"])
+        self._exclusive = asyncio.Lock() if config.generation_batching == "request" else None
+
+    # --- the denoiser, one step of one request ------------------------------------------------------
+
+    def _denoiser(
+        self, backend: str, sampler: str, disconnected: Callable[[], Awaitable[bool]] | None
+    ) -> Callable[..., Awaitable[torch.Tensor]]:
+        steps = metrics.DENOISER_STEPS.labels(self.name, self.version, backend, sampler)
+
+        async def eps(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            if disconnected is not None and await disconnected():
+                raise ClientGone
+            rows = x.shape[0]
+            if labels is None:
+                labels = torch.full((rows,), self.null_label, dtype=torch.long)
+            out = await self.infer(
+                {
+                    "sample": x.numpy().astype(np.float32, copy=False),
+                    "timestep": t.numpy().astype(np.int64, copy=False),
+                    "label": labels.numpy().astype(np.int64, copy=False),
+                },
+                backend,
+            )
+            steps.inc()
+            return torch.from_numpy(out["noise"])
+
+        return eps
+
+    async def _run(self, loop, denoise) -> Any:
+        if self._exclusive is None:
+            return await arun_sampler(loop, denoise)
+        async with self._exclusive:
+            return await arun_sampler(loop, denoise)
+
+    def _labels(self, label: int | None, n: int) -> torch.Tensor | None:
+        if label is None:
+            return None
+        if not 0 <= label < self.num_classes:
+            raise InferenceError(400, f"label must be in [0, {self.num_classes - 1}] or null, got {label}")
+        return torch.full((n,), label, dtype=torch.long)
+
+    # --- the task's operations --------------------------------------------------------------------
+
+    async def generate(
+        self,
+        *,
+        n: int,
+        label: int | None,
+        steps: int,
+        sampler: str,
+        seed: int,
+        guidance: float,
+        eta: float,
+        gamma: float,
+        backend: str,
+        filter_hallucinations: bool,
+        oversample: float,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` images (n, H, W) in [-1, 1] and their hallucination scores."""
+        drawn = int(np.ceil(n * oversample)) if filter_hallucinations else n
+        options = {"ddim": {"eta": eta}, "time-shift": {"eta": eta}, "bdia": {"gamma": gamma}}.get(
+            sampler, {}
+        )
+        scheduler = create_sampler(sampler, self.schedule, **options)
+        rng = torch.Generator().manual_seed(seed)
+        noise = torch.randn((drawn, 1, *self.image_size), generator=rng)
+        loop = sample_steps(
+            scheduler,
+            noise,
+            self._labels(label, drawn),
+            guidance,
+            self.null_label,
+            keep_x0=HALLUCINATION_WINDOW,
+            num_inference_steps=steps,
+            generator=rng,
+        )
+        result = await self._run(loop, self._denoiser(backend, sampler, disconnected))
+        scores = hallucination_score(result.x0_history, HALLUCINATION_WINDOW)
+        images = result.images
+        if filter_hallucinations:
+            keep = filter_lowest(scores, n)
+            images, scores = images[keep], scores[keep]
+            metrics.HALLUCINATION_REJECTIONS.labels(self.name, self.version, backend).inc(drawn - n)
+        metrics.GENERATED_IMAGES.labels(self.name, self.version, backend, sampler).inc(n)
+        return images[:, 0].clamp(-1, 1).numpy(), scores.numpy()
+
+    async def invert(
+        self, image: np.ndarray, *, label: int | None, steps: int, gamma: float, guidance: float, backend: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """BDIA encode: an (H, W) image in [0, 1] → its two latent states (latent, previous), each (h, w)."""
+        x0 = torch.from_numpy(resize_bilinear(image, self.image_size) * 2.0 - 1.0)[None, None]
+        loop = invert_steps(
+            BDIASampler(self.schedule, gamma=gamma),
+            x0,
+            self._labels(label, 1),
+            guidance,
+            self.null_label,
+            num_inference_steps=steps,
+        )
+        pair = await self._run(loop, self._denoiser(backend, "bdia", None))
+        return pair.latent[0, 0].numpy(), pair.previous[0, 0].numpy()
+
+    async def reconstruct(
+        self,
+        latent: np.ndarray,
+        previous: np.ndarray,
+        *,
+        label: int | None,
+        steps: int,
+        gamma: float,
+        guidance: float,
+        backend: str,
+    ) -> np.ndarray:
+        """BDIA decode of (latent, previous) → the (h, w) image in [0, 1]."""
+        loop = reconstruct_steps(
+            BDIASampler(self.schedule, gamma=gamma),
+            torch.from_numpy(latent)[None, None],
+            torch.from_numpy(previous)[None, None],
+            self._labels(label, 1),
+            guidance,
+            self.null_label,
+            num_inference_steps=steps,
+        )
+        result = await self._run(loop, self._denoiser(backend, "bdia", None))
+        return ((result.images[0, 0] + 1.0) / 2.0).numpy()
+
+
+# --- HTTP ---------------------------------------------------------------------------------------------
+
+Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
+
+
+class _Target(BaseModel):
+    model: str = Field("diffusion-digits", description="A loaded image-generation model.")
+    version: str = Field("", description="A loaded version; default the newest.")
+    backend: str = Field(
+        "", description="Runtime for the denoiser (onnxruntime, onnxruntime-int8, pytorch...)."
+    )
+
+
+class GenerateRequest(_Target):
+    n: int = Field(ge=1, le=MAX_IMAGES, description="How many images.")
+    label: int | None = Field(None, ge=0, description="Digit class to generate; null = unconditional.")
+    steps: int = Field(20, ge=2, le=1000, description="Sampler steps.")
+    sampler: Sampler = Field("ddim", description="ddpm (ancestral), ddim, time-shift (DDIM) or bdia (DDIM).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed + settings → same images.")
+    guidance: float = Field(2.0, ge=0.0, le=20.0, description="Classifier-free guidance scale; 1 = none.")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity (ddim, time-shift).")
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="BDIA's γ (bdia).")
+    filter_hallucinations: bool = Field(
+        False, description="Oversample and keep the n images with the lowest hallucination score."
+    )
+    oversample: float = Field(2.0, ge=1.0, le=4.0, description="Draw n × oversample when filtering.")
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="Base64 PNGs, white ink on black.")
+    hallucination_scores: list[float] = Field(description="Variance of x̂0 over the last 10 steps.")
+    model: str
+    version: str
+    backend: str
+    sampler: str
+    steps: int
+    seed: int
+    label: int | None
+
+
+class _BDIASettings(_Target):
+    label: int | None = Field(
+        None, ge=0, description="Class the image is inverted under; null = unconditional."
+    )
+    steps: int = Field(50, ge=2, le=1000, description="BDIA steps (the same for invert and reconstruct).")
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="BDIA's γ (the same for invert and reconstruct).")
+    guidance: float = Field(1.0, ge=0.0, le=20.0, description="Guidance scale (the same for both).")
+
+
+class InvertRequest(_BDIASettings):
+    image: list[Any] | str = Field(
+        description="Nested list H×W in [0, 1] (white ink = 1) or a base64 PNG/JPEG; "
+        "resized to the model's size."
+    )
+
+
+class InvertResponse(BaseModel):
+    latent: list[list[float]] = Field(description="BDIA's state at the noise end.")
+    previous: list[list[float]] = Field(description="BDIA's second state, one step cleaner.")
+    model: str
+    version: str
+    label: int | None
+    steps: int
+    gamma: float
+    guidance: float
+
+
+class ReconstructRequest(_BDIASettings):
+    latent: list[list[float]]
+    previous: list[list[float]]
+
+
+class ReconstructResponse(BaseModel):
+    image: list[list[float]] = Field(description="H×W in [0, 1], white ink on black.")
+    png: str = Field(description="The same image as a base64 PNG (8-bit).")
+    model: str
+    version: str
+
+
+def _png(image01: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(image01, 0, 1) * 255).round().astype(np.uint8), mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _state(values: list[list[float]], field: str, size: tuple[int, int]) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.float32)
+    except ValueError:
+        raise InferenceError(
+            400, f"`{field}` must be a rectangular {size[0]}×{size[1]} nested list"
+        ) from None
+    if arr.shape != size:
+        raise InferenceError(400, f"`{field}` must be {size[0]}×{size[1]}, got {list(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise InferenceError(400, f"`{field}` contains NaN or Inf")
+    return arr
+
+
+def router(repo: ModelRepository) -> APIRouter:
+    api = APIRouter(tags=["generation"])
+
+    def _target(req: _Target, labels: dict) -> tuple[Generator, str]:
+        served = task_model(repo, Generator, req.model, req.version)
+        backend = served.resolve_backend(req.backend or None)
+        labels.update(model=served.name, version=served.version, backend=backend)
+        return served, backend
+
+    @api.post("/generate", response_model=GenerateResponse)
+    async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
+        """Sample digits with a diffusion sampler; optionally filter hallucinations by oversampling."""
+        with observed() as labels:
+            served, backend = _target(req, labels)
+            drawn = req.n * (req.oversample if req.filter_hallucinations else 1)
+            if drawn * req.steps > MAX_WORK:
+                raise InferenceError(
+                    400,
+                    f"n × steps{' × oversample' if req.filter_hallucinations else ''} = "
+                    f"{drawn * req.steps:g} is over the per-request limit of {MAX_WORK}; "
+                    "ask for fewer images or steps",
+                )
+            seed = req.seed if req.seed is not None else secrets.randbits(63)
+            try:
+                images, scores = await served.generate(
+                    n=req.n,
+                    label=req.label,
+                    steps=req.steps,
+                    sampler=req.sampler,
+                    seed=seed,
+                    guidance=req.guidance,
+                    eta=req.eta,
+                    gamma=req.gamma,
+                    backend=backend,
+                    filter_hallucinations=req.filter_hallucinations,
+                    oversample=req.oversample,
+                    disconnected=request.is_disconnected,
+                )
+            except ClientGone:
+                raise InferenceError(499, "client closed the request") from None
+        return GenerateResponse(
+            images=[_png((img + 1.0) / 2.0) for img in images],
+            hallucination_scores=[float(s) for s in scores],
+            model=served.name,
+            version=served.version,
+            backend=backend,
+            sampler=req.sampler,
+            steps=req.steps,
+            seed=seed,
+            label=req.label,
+        )
+
+    @api.post("/invert", response_model=InvertResponse)
+    async def invert(req: InvertRequest) -> InvertResponse:
+        """BDIA exact inversion: an image → the two latent states that /reconstruct turns back into it."""
+        with observed() as labels:
+            served, backend = _target(req, labels)
+            latent, previous = await served.invert(
+                decode_image(req.image),
+                label=req.label,
+                steps=req.steps,
+                gamma=req.gamma,
+                guidance=req.guidance,
+                backend=backend,
+            )
+        return InvertResponse(
+            latent=latent.tolist(),
+            previous=previous.tolist(),
+            model=served.name,
+            version=served.version,
+            label=req.label,
+            steps=req.steps,
+            gamma=req.gamma,
+            guidance=req.guidance,
+        )
+
+    @api.post("/reconstruct", response_model=ReconstructResponse)
+    async def reconstruct(req: ReconstructRequest) -> ReconstructResponse:
+        """BDIA decode: the two latent states from /invert → the image (same label, steps, γ, guidance)."""
+        with observed() as labels:
+            served, backend = _target(req, labels)
+            image = await served.reconstruct(
+                _state(req.latent, "latent", served.image_size),
+                _state(req.previous, "previous", served.image_size),
+                label=req.label,
+                steps=req.steps,
+                gamma=req.gamma,
+                guidance=req.guidance,
+                backend=backend,
+            )
+        return ReconstructResponse(
+            image=image.tolist(), png=_png(image), model=served.name, version=served.version
+        )
+
+    return api
