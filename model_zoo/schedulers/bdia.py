@@ -46,11 +46,11 @@ Stability, and the default γ = 1. Backwards the recursion has a parasitic mode 
 (forwards it decays like γ): the characteristic roots of z_{i-1} = γ z_{i+1} + f(z_i) with f' ≈ 1 − γ are 1
 and −γ forwards, 1 and −1/γ backwards. Every step's truncation error excites that mode, so for γ < 1 the
 encoded pair grows like (1/γ)^n and decoding it loses about (1/γ)^n · machine-ε: measured with a random
-conv net, γ = 0.5 round-trips to 1e-13 at 20 steps but 4e-4 at 50 (latent ~1e12) in float64, and to 2e-4
-at 20 steps in float32. γ = 1 keeps the pair bounded (the mode neither grows nor decays) and round-trips
-to ~1e-15 (float64) / ~1e-6 (float32) at any step count tested, so it is the default: Kiln serves BDIA for
-exact inversion. For sampling from noise alone the paper prefers γ ≈ 0.5 at few steps (γ ≈ 1 at ~100 steps,
-0.92–1.0 for editing).
+conv net ε, γ = 0.5 round-trips to ~1e-13 at 20 steps but ~1e-4 at 50 (latent ~1e11) in float64, and only
+to ~2e-4 at 20 steps in float32. γ = 1 keeps the pair bounded (the mode neither grows nor decays) and
+round-trips to ~1e-15 (float64) / ~1e-6 (float32) at any step count tested, so it is the default: Kiln
+serves BDIA for exact inversion. For sampling from noise alone the paper prefers γ ≈ 0.5 at few steps
+(γ ≈ 1 at ~100 steps, 0.92–1.0 for editing).
 
 In a diffusers pipeline the sampler keeps the previous state itself, so the plain ``step`` contract works
 (``DDIMPipeline``: assign ``pipe.scheduler = sampler`` after construction, its constructor converts
