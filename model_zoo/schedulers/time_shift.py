@@ -2,7 +2,7 @@
 through Sampling with Shifted Time Steps"; official code Mingxiao-Li/TS-DPM).
 
 Exposure bias: during sampling x_t drifts from the marginal the network was trained on at time t. The
-paper's remedy (its Algorithm 1/2, "Time-Shift Sampler") keeps the nominal schedule but, after each step,
+paper's remedy (its "Time-Shift Sampler" algorithm) keeps the nominal schedule but, after each step,
 hands the network and the next update the train time step whose noise level best fits the state:
 
     σ² = Var(x_{t_k})                                 per sample, over all of its pixels
@@ -163,7 +163,7 @@ class TimeShiftSampler(DDIMSampler):
         noise_level = 1 - self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[candidates]
         # the per-sample variance of x_t over all its pixels (official code: unbiased torch.var)
         variance = sample.reshape(sample.shape[0], -1).var(dim=1)
-        # Algorithm 1 of TS-DPM: the time step whose 1 − ᾱ best matches the variance
+        # TS-DPM's time-shift rule: the train time step whose 1 − ᾱ best matches the variance
         distance = (variance[:, None] - noise_level[None, :]) ** 2
         return candidates[distance.argmin(dim=1)]
 
