@@ -41,6 +41,9 @@ STEP_BATCH_ROWS = 256  # one denoiser batch: e.g. 16 concurrent requests × 8 im
 MAX_IMAGES = 64  # per request
 MAX_WORK = 16 * 1000  # images × steps per request (before guidance doubling), bounded so a request ends
 HALLUCINATION_WINDOW = 10  # the paper's K: variance of x̂0 over the last 10 steps
+# BDIA's inverse divides by γ once per step, so float32 rounding grows like (1/γ)^(steps−1) on the way to
+# the latent. Past this factor the round trip cannot come back within 1e-3 per pixel: /invert refuses.
+MAX_INVERSION_AMPLIFICATION = 1e3
 
 
 class ClientGone(Exception):
@@ -343,6 +346,15 @@ def router(repo: ModelRepository) -> APIRouter:
         """BDIA exact inversion: an image → the two latent states that /reconstruct turns back into it."""
         with observed() as labels:
             served, backend = _target(req, labels)
+            amplification = (1.0 / req.gamma) ** (req.steps - 1)
+            if amplification > MAX_INVERSION_AMPLIFICATION:
+                lowest = MAX_INVERSION_AMPLIFICATION ** (-1.0 / (req.steps - 1))
+                raise InferenceError(
+                    400,
+                    f"gamma={req.gamma:g} with {req.steps} steps amplifies rounding errors by "
+                    f"{amplification:.3g}× on the way to the latent, so /reconstruct could not give the "
+                    f"image back; use gamma >= {lowest:.3f} for {req.steps} steps (1.0 is stable), or fewer steps",
+                )
             latent, previous = await served.invert(
                 decode_image(req.image),
                 label=req.label,
