@@ -353,7 +353,8 @@ def router(repo: ModelRepository) -> APIRouter:
                     400,
                     f"gamma={req.gamma:g} with {req.steps} steps amplifies rounding errors by "
                     f"{amplification:.3g}× on the way to the latent, so /reconstruct could not give the "
-                    f"image back; use gamma >= {lowest:.3f} for {req.steps} steps (1.0 is stable), or fewer steps",
+                    f"image back; use gamma >= {lowest:.3f} for {req.steps} steps (1.0 is stable) "
+                    "or fewer steps",
                 )
             latent, previous = await served.invert(
                 decode_image(req.image),
