@@ -15,7 +15,7 @@ COPY benchmarks benchmarks
 # to keep the image free of CUDA libraries. The gpu image adds `.[gpu]` on a CUDA base instead.
 ARG PIP_EXTRA_INDEX_URL=""
 RUN pip install -c constraints.txt . \
- && kiln train vit-soft --export && kiln train vit-softmax --export \
+ && kiln train vit-soft --export && kiln train vit-softmax --export && kiln train diffusion-digits --export \
  && groupadd -g 10001 kiln && useradd -u 10001 -g kiln -M -s /usr/sbin/nologin kiln \
  && chown -R kiln:kiln /var/lib/kiln
 USER 10001

@@ -51,7 +51,9 @@ class ServeConfig:
     @classmethod
     def from_env(cls) -> ServeConfig:
         models = tuple(
-            m.strip() for m in os.environ.get("KILN_MODELS", "vit-soft,vit-softmax").split(",") if m.strip()
+            m.strip()
+            for m in os.environ.get("KILN_MODELS", "vit-soft,vit-softmax,diffusion-digits").split(",")
+            if m.strip()
         )
         if not models:
             raise ConfigError("KILN_MODELS is empty; name at least one model, e.g. KILN_MODELS=vit-soft")

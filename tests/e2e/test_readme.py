@@ -63,7 +63,14 @@ def test_every_cli_command_has_help(command):
 
 
 def test_readme_names_every_cli_command():
-    for command in ("kiln train", "kiln export", "kiln serve", "kiln models list", "kiln bench vit"):
+    for command in (
+        "kiln train",
+        "kiln export",
+        "kiln serve",
+        "kiln models list",
+        "kiln bench vit",
+        "kiln bench diffusion",
+    ):
         assert command in README
 
 
