@@ -17,7 +17,9 @@ from typing import ClassVar
 
 from kiln.accelerators import tensorrt_status
 
-MAX_BATCH = 64  # the optimisation profile covers batch 1..MAX_BATCH, tuned for OPT_BATCH
+# The optimisation profile covers batch 1..MAX_BATCH, tuned for OPT_BATCH. 256 rows: a step-level batch of
+# the diffusion denoiser (serving.tasks.generation.STEP_BATCH_ROWS) must fit one execution.
+MAX_BATCH = 256
 OPT_BATCH = 32
 
 
