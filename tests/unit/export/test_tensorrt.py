@@ -42,3 +42,36 @@ def test_engine_build_and_run_matches_onnxruntime(fmt, backend, atol):
         np.testing.assert_allclose(got, expected, atol=atol)
     else:
         assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,backend", [("fp16-trt", "tensorrt-fp16"), ("int8-trt", "tensorrt-int8")])
+def test_denoiser_engine_build_and_run_matches_onnxruntime(fmt, backend, monkeypatch):
+    """The diffusion denoiser's three inputs (sample, timestep, label) through a TensorRT engine."""
+    import dataclasses
+
+    from export.diffusion import DiffusionExport
+    from export.pipeline import export_artifact
+    from kiln.artifacts import get_artifact
+    from serving.runtime import TensorRTRuntime
+    from training.recipes import RECIPES
+    from training.trainer import train
+
+    ok, reason = tensorrt_status()
+    if not ok:
+        pytest.skip(reason)
+    monkeypatch.setattr(DiffusionExport, "calibration_samples", 128)
+    monkeypatch.setattr(DiffusionExport, "quality_per_class", 2)
+    recipe = dataclasses.replace(
+        RECIPES["diffusion-digits"],
+        model_args={"block_out_channels": (16, 32), "norm_num_groups": 8, "attention_head_dim": 16},
+    )
+    art = train("diffusion-digits", epochs=1, progress=False, recipe=recipe).artifact
+    export_artifact(art.tag, ["onnx", "int8-ptq4dm", fmt], progress=False)
+    art = get_artifact(art.tag)
+    inputs, _ = DiffusionExport().parity_inputs(art)
+    ref = ort.InferenceSession(str(art.file(art.export("onnx")["file"])), providers=["CPUExecutionProvider"])
+    expected = ref.run(None, inputs)[0]
+    got = TensorRTRuntime(art, backend).run(inputs)["noise"]
+    assert got.shape == expected.shape
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > (0.99 if fmt == "fp16-trt" else 0.9)
