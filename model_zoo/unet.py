@@ -24,13 +24,16 @@ integer training step ``t`` in ``[0, num_train_timesteps)``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from model_zoo._registry import register_model
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
 
 __all__ = ["DigitsUNet", "unet_digits16"]
 
@@ -111,6 +114,11 @@ class DigitsUNet(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.null_label = num_classes
+        # diffusers is imported here, not at module level: importing it takes seconds, and `import
+        # model_zoo` (every CLI command, every server start) should not pay that for the other families.
+        from diffusers import UNet2DModel
+        from diffusers.models.attention_processor import Attention
+
         self.unet = UNet2DModel(
             sample_size=image_size,
             in_channels=in_channels,
