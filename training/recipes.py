@@ -62,8 +62,8 @@ class DiffusionRecipe(Recipe):
     task: str = "image-generation"
     dataset: str = "digits"
     image_size: tuple[int, int] = (16, 16)
-    epochs: int = 100
-    batch_size: int = 128
+    epochs: int = 40
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_epochs: int = 2
@@ -71,6 +71,7 @@ class DiffusionRecipe(Recipe):
     num_train_timesteps: int = 1000
     label_dropout: float = 0.1  # classifier-free guidance: share of labels replaced by the null label
     ema_decay: float = 0.999
+    augment: bool = True  # random ±1 px shifts of the training images
 
     def trainer(self):
         from training.diffusion import train_diffusion
