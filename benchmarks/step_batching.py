@@ -16,20 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks._server import start_server, stop_server
+from benchmarks._server import metric_total, start_server, stop_server
 from benchmarks.report import markdown_table, percentile
 
 MODES = ("step", "request")
 CONCURRENCY = (1, 4, 16)
 TARGET_SPEEDUP = 2.0  # step-level vs request-level images/s at concurrency 16
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _cell(url: str, concurrency: int, body: dict[str, Any], warmup: float, duration: float) -> dict[str, Any]:
@@ -63,7 +55,7 @@ def _cell(url: str, concurrency: int, body: dict[str, Any], warmup: float, durat
     metrics_after = httpx.get(f"{url}/metrics", timeout=10).text
 
     def delta(name: str) -> float:
-        return _metric(metrics_after, name, model="diffusion-digits") - _metric(
+        return metric_total(metrics_after, name, model="diffusion-digits") - metric_total(
             metrics_before, name, model="diffusion-digits"
         )
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks._server import Server, free_port, stop_server
+from benchmarks._server import Server, free_port, metric_total, stop_server
 from benchmarks._server import start_server as _start_server
 
-__all__ = ["MAX_REQUEST_BYTES", "Server", "free_port", "start_server", "stop_server"]
+__all__ = ["MAX_REQUEST_BYTES", "Server", "free_port", "metric_total", "start_server", "stop_server"]
 
 MAX_REQUEST_BYTES = 1024 * 1024  # small, so the 413 path is cheap to exercise
 

@@ -19,20 +19,13 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from PIL import Image
+from serverproc import metric_total
 
 from kiln.artifacts import get_artifact
 from kiln.imaging import resize_bilinear
 from training.data import digits_splits
 
 MODEL = "diffusion-digits"
-
-
-def _metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _png_array(b64: str) -> np.ndarray:
@@ -80,7 +73,7 @@ def test_unconditional_and_filtered_generation(server):
     assert r.status_code == 200, r.text
     assert len(r.json()["images"]) == 3 and r.json()["label"] is None
     after = httpx.get(f"{server.http}/metrics", timeout=10).text
-    rejected = _metric(after, "kiln_hallucination_rejections_total", model=MODEL) - _metric(
+    rejected = metric_total(after, "kiln_hallucination_rejections_total", model=MODEL) - metric_total(
         before, "kiln_hallucination_rejections_total", model=MODEL
     )
     assert rejected == 3  # 6 drawn, the 3 highest-scoring dropped
@@ -112,7 +105,9 @@ def test_concurrent_generate_requests_share_denoiser_batches(server):
     after = httpx.get(f"{server.http}/metrics", timeout=10).text
 
     def delta(name, **labels):
-        return _metric(after, name, model=MODEL, **labels) - _metric(before, name, model=MODEL, **labels)
+        return metric_total(after, name, model=MODEL, **labels) - metric_total(
+            before, name, model=MODEL, **labels
+        )
 
     steps = delta("kiln_denoiser_steps_total")
     executions = delta("kiln_inference_exec_count_total", backend="onnxruntime")
@@ -124,11 +119,11 @@ def test_a_client_that_disconnects_frees_its_slots(server):
     with pytest.raises(httpx.TimeoutException):
         _generate(server, n=16, steps=1000, sampler="ddpm", timeout=1.0)
     time.sleep(1.5)
-    first = _metric(
+    first = metric_total(
         httpx.get(f"{server.http}/metrics", timeout=10).text, "kiln_denoiser_steps_total", model=MODEL
     )
     time.sleep(1.5)
-    second = _metric(
+    second = metric_total(
         httpx.get(f"{server.http}/metrics", timeout=10).text, "kiln_denoiser_steps_total", model=MODEL
     )
     assert second == first  # the abandoned loop stopped asking for ε
@@ -216,9 +211,12 @@ def test_denoiser_over_oip_http_and_grpc_matches_in_process(server):
 def test_generation_metrics_and_openapi(server):
     _generate(server, sampler="ddim")
     text = httpx.get(f"{server.http}/metrics", timeout=10).text
-    assert _metric(text, "kiln_generated_images_total", model=MODEL, sampler="ddim") >= 2
-    assert _metric(text, "kiln_inference_batch_size_count", model=MODEL) > 0
-    assert _metric(text, "kiln_inference_requests_total", model=MODEL, protocol="http", status="success") > 0
+    assert metric_total(text, "kiln_generated_images_total", model=MODEL, sampler="ddim") >= 2
+    assert metric_total(text, "kiln_inference_batch_size_count", model=MODEL) > 0
+    assert (
+        metric_total(text, "kiln_inference_requests_total", model=MODEL, protocol="http", status="success")
+        > 0
+    )
     spec = httpx.get(f"{server.http}/docs.json", timeout=10).json()
     for path in ("/generate", "/invert", "/reconstruct", "/classify"):
         assert "post" in spec["paths"][path], path

@@ -21,7 +21,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from PIL import Image
-from serverproc import MAX_REQUEST_BYTES
+from serverproc import MAX_REQUEST_BYTES, metric_total
 from tritonclient.utils import InferenceServerException
 
 from kiln.artifacts import get_artifact
@@ -366,14 +366,6 @@ def test_grpc_malformed_protobuf(server):
 # --- batching and metrics -------------------------------------------------------------------------
 
 
-def _metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_concurrent_requests_are_batched_and_metrics_say_so(server):
     before = httpx.get(f"{server.http}/metrics", timeout=10).text
     x = _x(1)
@@ -388,10 +380,10 @@ def test_concurrent_requests_are_batched_and_metrics_say_so(server):
     assert codes == [200] * 96
     after = httpx.get(f"{server.http}/metrics", timeout=10).text
     lab = {"model": "vit-softmax", "backend": "onnxruntime"}
-    inferred = _metric(after, "kiln_inference_count_total", **lab) - _metric(
+    inferred = metric_total(after, "kiln_inference_count_total", **lab) - metric_total(
         before, "kiln_inference_count_total", **lab
     )
-    executed = _metric(after, "kiln_inference_exec_count_total", **lab) - _metric(
+    executed = metric_total(after, "kiln_inference_exec_count_total", **lab) - metric_total(
         before, "kiln_inference_exec_count_total", **lab
     )
     assert inferred == 96
@@ -404,23 +396,29 @@ def test_metrics_cover_success_failure_queue_compute_load_ready(server):
     _grpc_infer(server)
     text = httpx.get(f"{server.http}/metrics", timeout=10).text
     assert (
-        _metric(text, "kiln_inference_requests_total", model="vit-soft", status="success", protocol="http")
+        metric_total(
+            text, "kiln_inference_requests_total", model="vit-soft", status="success", protocol="http"
+        )
         >= 1
     )
     assert (
-        _metric(text, "kiln_inference_requests_total", model="vit-soft", status="failure", protocol="http")
+        metric_total(
+            text, "kiln_inference_requests_total", model="vit-soft", status="failure", protocol="http"
+        )
         >= 1
     )
     assert (
-        _metric(text, "kiln_inference_requests_total", model="vit-soft", status="success", protocol="grpc")
+        metric_total(
+            text, "kiln_inference_requests_total", model="vit-soft", status="success", protocol="grpc"
+        )
         >= 1
     )
-    assert _metric(text, "kiln_inference_queue_seconds_count", model="vit-soft") >= 1
-    assert _metric(text, "kiln_inference_compute_seconds_count", model="vit-soft") >= 1
-    assert _metric(text, "kiln_model_load_seconds", model="vit-soft", backend="onnxruntime") > 0
+    assert metric_total(text, "kiln_inference_queue_seconds_count", model="vit-soft") >= 1
+    assert metric_total(text, "kiln_inference_compute_seconds_count", model="vit-soft") >= 1
+    assert metric_total(text, "kiln_model_load_seconds", model="vit-soft", backend="onnxruntime") > 0
     for name in MODELS:
         for backend in ("onnxruntime", "onnxruntime-int8", "pytorch"):
-            assert _metric(text, "kiln_model_ready", model=name, backend=backend) == 1
+            assert metric_total(text, "kiln_model_ready", model=name, backend=backend) == 1
     assert "bentoml_service_request_total" in text or "bentoml_" in text  # BentoML's defaults are there too
 
 
