@@ -90,8 +90,8 @@ class FidDigits:
             art = get_artifact(classifier)
         except ArtifactError as exc:
             raise ArtifactError(
-                f"FID-digits needs a trained digits classifier: {exc} The default is vit-soft: "
-                "train it with `kiln train vit-soft`."
+                f"FID-digits needs a trained digits classifier and can not load {classifier!r}: {exc} "
+                "(FID-digits' default classifier is trained by `kiln train vit-soft`.)"
             ) from None
         if art.manifest.get("task") != "image-classification":
             raise ValueError(
