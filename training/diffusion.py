@@ -143,6 +143,11 @@ def train_diffusion(
             running += loss.item() * len(idx)
         train_loss = running / len(order)
         val_loss = denoising_loss(ema, x_val, y_val, t_val, eps_val, alphas_cumprod)
+        if not math.isfinite(val_loss):
+            raise RuntimeError(
+                f"{name}: training diverged in epoch {epoch} (validation loss {val_loss}); "
+                f"lower the recipe's lr ({recipe.lr}) or raise its warmup_epochs ({recipe.warmup_epochs})"
+            )
         if val_loss < best_val:
             best_val, best_epoch = val_loss, epoch
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(best_path))

@@ -62,9 +62,9 @@ class DiffusionRecipe(Recipe):
     task: str = "image-generation"
     dataset: str = "digits"
     image_size: tuple[int, int] = (16, 16)
-    epochs: int = 40
+    epochs: int = 30  # ~600 steps: recognisable digits in under 5 minutes on 2 cores
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_epochs: int = 2
     schedule: str = "cosine"  # model_zoo.schedulers.schedule.NoiseSchedule kind
