@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-_SESSION_HOME = Path(tempfile.mkdtemp(prefix="kiln-test-home-"))
+# KILN_TEST_HOME reuses a store a previous run left (its trained models make the server start in
+# seconds) while iterating on tests; CI and `make test` always start from an empty, temporary one.
+_SESSION_HOME = Path(os.environ.get("KILN_TEST_HOME") or tempfile.mkdtemp(prefix="kiln-test-home-"))
 os.environ["KILN_HOME"] = str(_SESSION_HOME)
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 

@@ -233,7 +233,13 @@ class _BDIASettings(_Target):
         None, ge=0, description="Class the image is inverted under; null = unconditional."
     )
     steps: int = Field(50, ge=2, le=1000, description="BDIA steps (the same for invert and reconstruct).")
-    gamma: float = Field(0.5, gt=0.0, le=1.0, description="BDIA's γ (the same for invert and reconstruct).")
+    gamma: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="BDIA's γ (the same for invert and reconstruct). Inversion amplifies rounding by "
+        "(1/γ)^(steps−1): γ = 1 is stable at any step count, smaller γ only for few steps.",
+    )
     guidance: float = Field(1.0, ge=0.0, le=20.0, description="Guidance scale (the same for both).")
 
 

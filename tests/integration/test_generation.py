@@ -21,6 +21,7 @@ import tritonclient.http as thttp
 from PIL import Image
 from serverproc import metric_total
 
+from export.diffusion import onnx_denoiser, sample_digits
 from kiln.artifacts import get_artifact
 from kiln.imaging import resize_bilinear
 from training.data import digits_splits
@@ -40,17 +41,21 @@ def _generate(server, timeout=120, **body):
     )
 
 
-def test_generate_returns_digit_sized_white_on_black_pngs(server):
+def test_generate_matches_in_process_sampling_with_white_ink_on_black(server):
     r = _generate(server, n=4, label=7)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == MODEL and body["version"] == get_artifact(MODEL).version
+    art = get_artifact(MODEL)
+    assert body["model"] == MODEL and body["version"] == art.version
     assert body["sampler"] == "ddim" and body["steps"] == 10 and body["seed"] == 0 and body["label"] == 7
     assert len(body["images"]) == 4 and len(body["hallucination_scores"]) == 4
-    for b64 in body["images"]:
-        img = _png_array(b64)
-        assert img.shape == (16, 16)
-        assert np.median(img) < 0.5  # a dark background: white ink on black, like the training digits
+    # The same seed, sampler and graph in this process: model space [-1, 1] with ink = +1, so a PNG pixel
+    # is (x + 1) / 2 — white ink on black, like the training digits.
+    expected, _ = sample_digits(
+        art, onnx_denoiser(art.file(art.export("onnx")["file"])), labels=np.full(4, 7), steps=10, seed=0
+    )
+    for b64, image in zip(body["images"], expected, strict=True):
+        assert np.abs(_png_array(b64) - (image + 1) / 2).max() <= 1 / 255 + 1e-4
 
 
 def test_same_seed_same_images_other_seed_other_images(server):
