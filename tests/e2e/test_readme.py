@@ -39,9 +39,11 @@ def test_quick_start_commands_are_make_targets():
 
 
 @pytest.mark.parametrize("index", range(len(_blocks("### First requests", "bash"))))
-def test_first_requests_curl(server, index):
+def test_first_requests_curl(server, index, tmp_path):
     code = _rewrite(_blocks("### First requests", "bash")[index], server)
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(  # in a scratch directory: a block may write files (latent.json)
+        ["bash", "-euo", "pipefail", "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip(), "each README request prints its answer"
     assert "error" not in r.stdout.lower(), r.stdout
