@@ -4,18 +4,24 @@ from serving.config import ConfigError, ServeConfig
 
 
 def test_defaults(monkeypatch):
-    for k in ("KILN_MODELS", "KILN_BACKEND", "KILN_HTTP_PORT", "KILN_BATCH_MAX_SIZE"):
+    for k in (
+        "KILN_MODELS",
+        "KILN_BACKEND",
+        "KILN_HTTP_PORT",
+        "KILN_BATCH_MAX_SIZE",
+        "KILN_GENERATION_BATCHING",
+    ):
         monkeypatch.delenv(k, raising=False)
     cfg = ServeConfig.from_env()
-    assert (
-        cfg.models == ("vit-soft", "vit-softmax") and cfg.backend == "onnxruntime" and cfg.http_port == 3000
-    )
+    assert cfg.models == ("vit-soft", "vit-softmax", "diffusion-digits")
+    assert cfg.backend == "onnxruntime" and cfg.http_port == 3000 and cfg.generation_batching == "step"
 
 
 @pytest.mark.parametrize(
     ("var", "value", "message"),
     [
         ("KILN_BACKEND", "tensorflow", "valid:"),
+        ("KILN_GENERATION_BATCHING", "token", "'step', 'request'"),
         ("KILN_HTTP_PORT", "http", "not an integer"),
         ("KILN_BATCH_MAX_SIZE", "0", ">= 1"),
         ("KILN_BATCH_WINDOW_MS", "-1", ">= 0"),
