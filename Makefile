@@ -45,6 +45,7 @@ lint: install
 
 bench: install
 	$(VENV)/bin/kiln bench vit
+	$(VENV)/bin/kiln bench diffusion
 
 proto: install
 	$(PY) -m serving.oip.proto.generate

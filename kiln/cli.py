@@ -265,20 +265,28 @@ def models_delete(
 
 @app.command()
 def bench(
-    suite: Annotated[str, typer.Argument(help="Benchmark suite: vit.")] = "vit",
+    suite: Annotated[
+        str,
+        typer.Argument(
+            help="Benchmark suite: vit (attention, runtimes, serving) or diffusion (samplers, PTQ4DM int8, "
+            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing)."
+        ),
+    ] = "vit",
     quick: Annotated[
         bool, typer.Option(help="Fewer repetitions and sizes (a smoke run; not for the record).")
     ] = False,
     output: Annotated[str, typer.Option(help="Markdown file to update.")] = "BENCHMARKS.md",
 ) -> None:
     """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""
-    if suite != "vit":
-        _fail(f"unknown benchmark suite {suite!r}; valid: vit")
-    from benchmarks.vit import BenchmarkError, run
+    suites = ("vit", "diffusion")
+    if suite not in suites:
+        _fail(f"unknown benchmark suite {suite!r}; valid: {', '.join(suites)}")
+    import importlib
 
+    module = importlib.import_module(f"benchmarks.{suite}")
     try:
-        run(quick=quick, output=output, command=" ".join(["kiln", *sys.argv[1:]]))
-    except BenchmarkError as exc:
+        module.run(quick=quick, output=output, command=" ".join(["kiln", *sys.argv[1:]]))
+    except module.BenchmarkError as exc:
         _fail(str(exc))
 
 
