@@ -152,19 +152,30 @@ class TimeShiftSampler(DDIMSampler):
         )
         self._step_index = k + 1
         shifting = t_next > self.cutoff and self.window // 2 > 0  # window 0 or 1: plain DDIM
-        self._shifted = self.shifted_timesteps(out.prev_sample, t_next) if shifting else None
+        # The shifted step stays strictly between its neighbours on the nominal grid, so time keeps falling:
+        # with many steps the window would otherwise reach back past where the sample came from (up to
+        # t = T − 1, whose ᾱ ≈ 2e-9 under the cosine schedule turns x̂0 into ±inf).
+        upper = t.expand(sample.shape[0]) - 1  # below the step each sample was just evaluated at
+        lower = int(nominal[k + 2]) + 1 if k + 2 < len(nominal) else 0
+        self._shifted = self.shifted_timesteps(out.prev_sample, t_next, lower, upper) if shifting else None
         return out if return_dict else (out.prev_sample, out.pred_original_sample)
 
-    def shifted_timesteps(self, sample: torch.Tensor, nominal_t: int) -> torch.Tensor:
-        """Per-sample train step in [t ± window // 2] whose 1 − ᾱ is closest to Var(sample); shape (N,)."""
+    def shifted_timesteps(
+        self, sample: torch.Tensor, nominal_t: int, lower: int = 0, upper: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-sample train step in [t ± window // 2], at least ``lower`` and at most ``upper`` (per sample),
+        whose 1 − ᾱ is closest to Var(sample); shape (N,). ``nominal_t`` itself must be allowed."""
         half = self.window // 2
-        lo, hi = max(0, nominal_t - half), min(self.num_train_timesteps - 1, nominal_t + half)
+        lo = max(0, lower, nominal_t - half)
+        hi = max(lo, min(self.num_train_timesteps - 1, nominal_t + half))
         candidates = torch.arange(lo, hi + 1, device=sample.device)
         noise_level = 1 - self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[candidates]
         # the per-sample variance of x_t over all its pixels (official code: unbiased torch.var)
         variance = sample.reshape(sample.shape[0], -1).var(dim=1)
         # TS-DPM's time-shift rule: the train time step whose 1 − ᾱ best matches the variance
         distance = (variance[:, None] - noise_level[None, :]) ** 2
+        if upper is not None:
+            distance = distance.masked_fill(candidates[None, :] > upper.reshape(-1, 1), float("inf"))
         return candidates[distance.argmin(dim=1)]
 
     def _restart(self) -> None:

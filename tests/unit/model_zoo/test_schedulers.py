@@ -493,3 +493,23 @@ def test_create_sampler_names_and_errors():
         create_sampler("euler", NoiseSchedule())
     with pytest.raises(ValueError, match="unknown option.*gamma"):
         create_sampler("ddim", NoiseSchedule(), gamma=0.5)
+
+
+@pytest.mark.parametrize("steps", [50, 100])
+def test_time_shift_keeps_time_falling_with_many_steps(steps):
+    """With a stride below the window the search would reach back to t = T − 1 (ᾱ ≈ 2e-9): it must not."""
+    from model_zoo.schedulers import NoiseSchedule, create_sampler
+    from model_zoo.schedulers.loop import run_sampler, sample_steps
+
+    sampler = create_sampler("time-shift", NoiseSchedule("cosine"), window=80, cutoff=300)
+    seen: list[torch.Tensor] = []
+
+    def eps(x, t, labels):
+        seen.append(t.clone())
+        return 0.9 * x / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-6)  # a crude, shape-blind denoiser
+
+    x_T = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    result = run_sampler(sample_steps(sampler, x_T, num_inference_steps=steps), eps)
+    assert torch.isfinite(result.images).all()
+    times = torch.stack(seen)  # (steps, rows)
+    assert (times[1:] < times[:-1]).all()  # every sample's time step strictly decreases
