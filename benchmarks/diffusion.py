@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import hallucination_toy, step_batching
-from benchmarks.report import fmt, machine_info, markdown_table, percentile, write_section
+from benchmarks.report import fmt, machine_info, markdown_table, percentile, target_lines, write_section
 from benchmarks.runtimes import time_calls
 
 MODEL = "diffusion-digits"
@@ -901,12 +901,7 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
         "### Targets",
         "",
     ]
-    for t in results["targets"]:
-        verdict = {True: "MET", False: "MISSED", None: "NOT MEASURED"}[t["met"]]
-        line = f"- target: {t['target']}; measured: {t['measured']}; **{verdict}**"
-        if t["reason"]:
-            line += f" — why: {t['reason']}"
-        lines.append(line)
+    lines += target_lines(results["targets"])
 
     lines += ["", "### Trained model (digits, 16 x 16)", ""]
     lines += [

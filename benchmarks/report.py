@@ -41,6 +41,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def target_lines(targets: Sequence[dict[str, Any]]) -> list[str]:
+    """One markdown line per target: what it asks, what was measured, MET / MISSED / NOT MEASURED, why."""
+    lines = []
+    for t in targets:
+        verdict = {True: "MET", False: "MISSED", None: "NOT MEASURED"}[t["met"]]
+        line = f"- target: {t['target']}; measured: {t['measured']}; **{verdict}**"
+        if t["reason"]:
+            line += f" — why: {t['reason']}"
+        lines.append(line)
+    return lines
+
+
 def section_markers(name: str) -> tuple[str, str]:
     return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import attention, runtimes, served
-from benchmarks.report import fmt, machine_info, markdown_table, write_section
+from benchmarks.report import fmt, machine_info, markdown_table, target_lines, write_section
 
 MODELS = ("vit-soft", "vit-softmax")
 SERVED_MODEL = "vit-soft"
@@ -354,12 +354,7 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
         "### Targets",
         "",
     ]
-    for t in results["targets"]:
-        verdict = {True: "MET", False: "MISSED", None: "NOT MEASURED"}[t["met"]]
-        line = f"- target: {t['target']}; measured: {t['measured']}; **{verdict}**"
-        if t["reason"]:
-            line += f" — why: {t['reason']}"
-        lines.append(line)
+    lines += target_lines(results["targets"])
     lines += ["", "### Trained models (digits, 32 x 32)", ""]
     lines += [
         "Read from each artifact's `kiln.json`: trained by the command shown on this machine (AdamW, "
