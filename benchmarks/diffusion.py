@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 
 from benchmarks import hallucination_toy, step_batching
-from benchmarks.report import fmt, machine_info, markdown_table, percentile, target_lines, write_section
+from benchmarks.report import (
+    fmt,
+    machine_info,
+    markdown_table,
+    percentile,
+    target_lines,
+    write_results,
+)
 from benchmarks.runtimes import time_calls
 
 MODEL = "diffusion-digits"
@@ -248,12 +255,7 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     results["targets"] = evaluate_targets(results)
-    out_md = Path(output)
-    json_path = out_md.with_name(out_md.stem + ".diffusion.json") if quick else RESULTS
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    write_section(out_md, "diffusion", render_markdown(results, json_path))
-    print(f"wrote {json_path} and the diffusion section of {out_md} ({results['wall_seconds']:.0f}s)")
+    write_results(results, "diffusion", output, quick, RESULTS, render_markdown)
     return results
 
 

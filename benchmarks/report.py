@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,20 @@ def write_section(path: Path, name: str, body: str) -> None:
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     path.write_text(replace_section(text, name, body))
+
+
+def write_results(
+    results: dict[str, Any], suite: str, output: str | Path, quick: bool, record: Path, markdown: Callable
+) -> Path:
+    """Write a suite's raw JSON (``record``; beside ``output`` for a quick run, which is not the record)
+    and its section of the markdown file ``output``, rendered by ``markdown(results, json_path)``."""
+    out_md = Path(output)
+    json_path = out_md.with_name(f"{out_md.stem}.{suite}.json") if quick else record
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    write_section(out_md, suite, markdown(results, json_path))
+    print(f"wrote {json_path} and the {suite} section of {out_md} ({results['wall_seconds']:.0f}s)")
+    return json_path
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

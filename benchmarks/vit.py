@@ -8,14 +8,13 @@ Nothing in the text is a fixed figure: every number and every MET / MISSED comes
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks import attention, runtimes, served
-from benchmarks.report import fmt, machine_info, markdown_table, target_lines, write_section
+from benchmarks.report import fmt, machine_info, markdown_table, target_lines, write_results
 
 MODELS = ("vit-soft", "vit-softmax")
 SERVED_MODEL = "vit-soft"
@@ -167,12 +166,7 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     results["targets"] = evaluate_targets(results)
-    out_md = Path(output)
-    json_path = out_md.with_name(out_md.stem + ".vit.json") if quick else RESULTS
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    write_section(out_md, "vit", render_markdown(results, json_path))
-    print(f"wrote {json_path} and the vit section of {out_md} ({results['wall_seconds']:.0f}s)")
+    write_results(results, "vit", output, quick, RESULTS, render_markdown)
     return results
 
 
