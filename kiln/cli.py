@@ -31,7 +31,8 @@ def train(
         str,
         typer.Argument(
             help="Recipe to train: vit-soft, vit-soft-norm, vit-softmax (classifiers), "
-            "diffusion-digits (class-conditional diffusion)."
+            "diffusion-digits (class-conditional diffusion), forecaster-goog-daily, "
+            "forecaster-eurusd-hourly (price forecasters)."
         ),
     ],
     epochs: Annotated[int | None, typer.Option(min=1, help="Override the recipe's epoch count.")] = None,
@@ -39,14 +40,36 @@ def train(
     export: Annotated[
         bool, typer.Option("--export/--no-export", help="Export ONNX + int8 afterwards.")
     ] = False,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Forecasters: train on this CSV/Parquet of OHLCV bars (timestamp, open, high, low, close, "
+            "volume; exchange and tool layouts are recognised) or a bundled series (GOOG, EURUSD, BTCUSD)."
+        ),
+    ] = None,
+    gaps: Annotated[
+        str | None,
+        typer.Option(help="Forecasters: gap policy for missing bars: keep (default), fill or error."),
+    ] = None,
 ) -> None:
     """Train a model on bundled data and save it to the model store (best-on-validation weights)."""
+    import dataclasses
+
     from training.recipes import RECIPES
     from training.trainer import train as run_training
 
     if model not in RECIPES:
         _fail(f"unknown model {model!r}; trainable: {', '.join(sorted(RECIPES))}")
-    result = run_training(model, epochs=epochs, seed=seed)
+    recipe = RECIPES[model]
+    changes = {k: v for k, v in (("data", data), ("gaps", gaps)) if v is not None}
+    if changes:
+        if not all(hasattr(recipe, k) for k in changes):
+            _fail(f"--data/--gaps apply to forecasters; {model!r} trains on its bundled data")
+        recipe = dataclasses.replace(recipe, **changes)
+    try:
+        result = run_training(model, epochs=epochs, seed=seed, recipe=recipe)
+    except ValueError as exc:  # kiln.market.bars.BarsError included: the message names the bad bar
+        _fail(str(exc))
     typer.echo(result.summary())
     if export:
         _export(result.artifact.tag, None)
@@ -72,6 +95,7 @@ def export_cmd(
             "-f",
             help="Format(s) to build; repeatable. Classifiers: onnx, int8-static, fp16-trt, int8-trt. "
             "Diffusion: onnx, int8-ptq4dm, int8-uniform, int8-noised, fp16-trt, int8-trt. "
+            "Forecasters: onnx, int8-dynamic. "
             "Default: every format of the model's task (TensorRT only on a GPU).",
         ),
     ] = None,
@@ -88,7 +112,7 @@ def export_cmd(
 def serve(
     models: Annotated[
         str, typer.Option(envvar="KILN_MODELS", help="Comma-separated model names or NAME:VERSION tags.")
-    ] = "vit-soft,vit-softmax,diffusion-digits",
+    ] = "vit-soft,vit-softmax,diffusion-digits,forecaster-goog-daily,forecaster-eurusd-hourly",
     backend: Annotated[
         str,
         typer.Option(
@@ -268,8 +292,9 @@ def bench(
     suite: Annotated[
         str,
         typer.Argument(
-            help="Benchmark suite: vit (attention, runtimes, serving) or diffusion (samplers, PTQ4DM int8, "
-            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing)."
+            help="Benchmark suite: vit (attention, runtimes, serving), diffusion (samplers, PTQ4DM int8, "
+            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing) or forecast "
+            "(walk-forward backtest of the forecasters and baselines on GOOG daily and EURUSD hourly)."
         ),
     ] = "vit",
     quick: Annotated[
@@ -278,7 +303,7 @@ def bench(
     output: Annotated[str, typer.Option(help="Markdown file to update.")] = "BENCHMARKS.md",
 ) -> None:
     """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""
-    suites = ("vit", "diffusion")
+    suites = ("vit", "diffusion", "forecast")
     if suite not in suites:
         _fail(f"unknown benchmark suite {suite!r}; valid: {', '.join(suites)}")
     import importlib

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("onnxruntime", "onnxruntime-int8", "pytorch", "tensorrt-fp16", "tensorrt-int8")
 GENERATION_BATCHING = ("step", "request")
+DEFAULT_MODELS = "vit-soft,vit-softmax,diffusion-digits,forecaster-goog-daily,forecaster-eurusd-hourly"
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,7 @@ class ServeConfig:
     def from_env(cls) -> ServeConfig:
         models = tuple(
             m.strip()
-            for m in os.environ.get("KILN_MODELS", "vit-soft,vit-softmax,diffusion-digits").split(",")
+            for m in os.environ.get("KILN_MODELS", DEFAULT_MODELS).split(",")
             if m.strip()
         )
         if not models:

@@ -79,6 +79,35 @@ class DiffusionRecipe(Recipe):
         return train_diffusion
 
 
+@dataclass(frozen=True)
+class ForecastRecipe(Recipe):
+    """Quantile forecasts of the next ``horizon`` log-returns of an OHLCV series (``training.forecasting``).
+
+    ``data`` is a bundled series (``GOOG``, ``EURUSD``, ``BTCUSD`` from the ``backtesting`` package) or a
+    CSV/Parquet file (``kiln train NAME --data FILE``). The last ``test_fraction`` of the bars is the
+    final period no choice looks at (``kiln bench forecast`` reports it); the ``val_fraction`` before it
+    picks the checkpoint.
+    """
+
+    task: str = "price-forecasting"
+    data: str = "GOOG"
+    gaps: str = "keep"  # kiln.market.bars.GAP_POLICIES
+    max_gap: int = 48  # missing bars tolerated in one gap
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_epochs: int = 1
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_train_windows: int = 0  # > 0: keep only the newest windows (bounds training time on long series)
+
+    def trainer(self):
+        from training.forecasting import train_forecaster
+
+        return train_forecaster
+
+
 RECIPES: dict[str, Recipe] = {
     "vit-soft": ClassifierRecipe(
         architecture="vit_soft_tiny",
@@ -98,9 +127,27 @@ RECIPES: dict[str, Recipe] = {
         architecture="unet_digits16",
         description="Class-conditional DDPM/DDIM UNet on 16×16 digits, classifier-free guidance, EMA",
     ),
+    "forecaster-goog-daily": ForecastRecipe(
+        architecture="performer_bilstm_forecaster",
+        data="GOOG",
+        description="Performer (FAVOR+) + BiLSTM quantile forecaster of daily bars, trained on GOOG",
+    ),
+    "forecaster-eurusd-hourly": ForecastRecipe(
+        architecture="performer_bilstm_forecaster",
+        data="EURUSD",
+        epochs=8,
+        batch_size=128,
+        description="Performer (FAVOR+) + BiLSTM quantile forecaster of hourly bars, trained on EURUSD",
+    ),
 }
 
-DEFAULT_MODELS = ("vit-soft", "vit-softmax", "diffusion-digits")  # what `make serve` trains and serves
+DEFAULT_MODELS = (
+    "vit-soft",
+    "vit-softmax",
+    "diffusion-digits",
+    "forecaster-goog-daily",
+    "forecaster-eurusd-hourly",
+)  # what `make serve` trains and serves
 
 
 def get_recipe(name: str) -> Recipe:
