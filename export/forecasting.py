@@ -9,9 +9,8 @@ The graph is exported with the FAVOR+ projection frozen (a buffer; no redraw out
   the LSTMs and the FAVOR+ feature maps stay fp32.
 - Quality of every graph: validation-period pinball loss, median MAE (log-return) and 80% interval
   coverage. The final test period is never read here: it belongs to ``kiln bench forecast``.
-- The int8 gate: ``int8-static`` is not a default format; built on request it records
-  ``holds_accuracy`` (validation pinball within :data:`INT8_TOLERANCE` of fp32), and the server loads
-  an int8 graph only when it holds.
+- The int8 gate: the ``int8-static`` graph records ``holds_accuracy`` (validation pinball within
+  :data:`INT8_TOLERANCE` of fp32's), and the server loads an int8 graph only when it holds.
 """
 
 from __future__ import annotations
@@ -34,7 +33,9 @@ INT8_TOLERANCE = 0.01  # relative increase of validation pinball loss an int8 gr
 
 @lru_cache(maxsize=4)
 def _series(source: str, gaps: str, max_gap: int, val_fraction: float, test_fraction: float) -> Series:
-    return load_series(source, gaps=gaps, max_gap=max_gap, val_fraction=val_fraction, test_fraction=test_fraction)
+    return load_series(
+        source, gaps=gaps, max_gap=max_gap, val_fraction=val_fraction, test_fraction=test_fraction
+    )
 
 
 def artifact_series(art: Artifact) -> Series:
@@ -56,7 +57,7 @@ def onnx_quantiles(graph: Path | str, x: np.ndarray, scale: np.ndarray, batch: i
 class ForecastExport:
     task = "price-forecasting"
     formats = ("onnx", "int8-static")
-    default_formats = ("onnx",)
+    default_formats = ("onnx", "int8-static")
     int8_format = "int8-static"
 
     @staticmethod
@@ -82,7 +83,9 @@ class ForecastExport:
     def quality(self, art: Artifact, graph: Path) -> dict[str, Any]:
         s = self._split(art, "val")
         q = onnx_quantiles(graph, s.x, s.scale)
-        metrics = {f"val_{k}": v for k, v in interval_metrics(q, s.y, tuple(art.manifest["quantiles"])).items()}
+        metrics = {
+            f"val_{k}": v for k, v in interval_metrics(q, s.y, tuple(art.manifest["quantiles"])).items()
+        }
         fp32 = art.export("onnx")
         if fp32 is not None and Path(graph).name != fp32["file"]:
             limit = fp32["val_pinball"] * (1 + INT8_TOLERANCE)

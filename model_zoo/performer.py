@@ -47,6 +47,7 @@ __all__ = [
     "softmax_bilstm_forecaster",
 ]
 
+_EPS = 1e-6
 DEFAULT_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
@@ -60,7 +61,8 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None = None
     blocks = []
     for start in range(0, m, d):
         g = torch.randn(d, d, generator=generator)
-        q, _ = torch.linalg.qr(g)
+        q, r = torch.linalg.qr(g)
+        q = q * torch.sign(torch.diagonal(r))  # Haar-distributed Q (Mezzadri 2007): fix QR's sign choice
         blocks.append(q.T[: min(d, m - start)])
     w = torch.cat(blocks)
     norms = torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
@@ -76,11 +78,8 @@ def favor_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool) ->
     m = projection.shape[0]
     wx = x @ projection.T  # (..., L, m)
     sq = (x * x).sum(-1, keepdim=True) / 2
-    if is_query:
-        stab = wx.amax(dim=-1, keepdim=True)
-    else:
-        stab = wx.amax(dim=(-2, -1), keepdim=True)
-    return (torch.exp(wx - sq - stab.detach()) + 1e-6) / math.sqrt(m)
+    stab = wx.amax(dim=-1, keepdim=True) if is_query else wx.amax(dim=(-2, -1), keepdim=True)
+    return (torch.exp(wx - sq - stab.detach()) + _EPS) / math.sqrt(m)
 
 
 class FavorAttention(nn.Module):
@@ -203,7 +202,9 @@ class QuantileForecaster(nn.Module):
         self.encoder, self.context, self.horizon, self.quantiles = encoder, context, horizon, qs
         self.embed = nn.Linear(num_inputs, dim)
         if encoder == "lstm":
-            self.lstm = nn.LSTM(dim, dim, num_layers=depth, batch_first=True, dropout=dropout if depth > 1 else 0)
+            self.lstm = nn.LSTM(
+                dim, dim, num_layers=depth, batch_first=True, dropout=dropout if depth > 1 else 0
+            )
         else:
             self.pos = nn.Parameter(torch.zeros(1, context, dim))
             nn.init.trunc_normal_(self.pos, std=0.02)

@@ -86,6 +86,24 @@ HALLUCINATION_REJECTIONS = prometheus_client.Counter(
     labelnames=_LABELS,
 )
 
+FORECASTS = prometheus_client.Counter(
+    name="kiln_forecasts_total",
+    documentation="Forecasts served by /forecast",
+    labelnames=_LABELS,
+)
+FORECAST_INPUT_BARS = prometheus_client.Histogram(
+    name="kiln_forecast_input_bars",
+    documentation="Bars per /forecast request (after the gap policy)",
+    labelnames=_LABELS,
+    buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+)
+FORECAST_SECONDS = prometheus_client.Histogram(
+    name="kiln_forecast_seconds",
+    documentation="Model time of one /forecast (queue + runtime), per model",
+    labelnames=_LABELS,
+    buckets=_BUCKETS,
+)
+
 
 def record_request(
     model: str, version: str, backend: str, protocol: str, ok: bool, seconds: float | None = None

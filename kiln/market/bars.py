@@ -65,7 +65,11 @@ FREQUENCIES: dict[str, pd.Timedelta] = {
     "monthly": pd.Timedelta(days=30),  # nominal; monthly bars step by calendar months
 }
 # The series that ship with the `backtesting` package (backtesting.test): real OHLCV.
-BUNDLED = {"GOOG": "GOOG daily (2004-2013)", "EURUSD": "EURUSD hourly (2017-2018)", "BTCUSD": "BTCUSD monthly"}
+BUNDLED = {
+    "GOOG": "GOOG daily (2004-2013)",
+    "EURUSD": "EURUSD hourly (2017-2018)",
+    "BTCUSD": "BTCUSD monthly",
+}
 _DEFAULT_FX_CLOSE = (21, 21)  # (first closed Friday hour, first open Sunday hour): the bundled EURUSD's
 
 
@@ -131,7 +135,7 @@ def _parse_times(raw: pd.Series) -> pd.DatetimeIndex:
 
 
 def _mixed_offsets(text: pd.Series) -> bool:
-    return bool(text.str.contains(r"(Z|[+-]\d\d:?\d\d)$", regex=True, na=False).any())
+    return bool(text.str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True, na=False).any())
 
 
 def _first_unparseable(text: pd.Series) -> str:
@@ -174,12 +178,17 @@ def _standardise(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     frame = frame.rename(columns=lambda c: str(c).strip().strip("<>"))
     columns = list(frame.columns)
     picked = {f: _pick(columns, f) for f in ("timestamp", *COLUMNS)}
-    date_col, time_col = _pick(columns, "timestamp"), None
-    if date_col is not None and _key(date_col) == "date":  # MetaTrader: separate <DATE> and <TIME>
-        time_col = next((c for c in columns if _key(c) == "time"), None)
+    date_col, time_col = picked["timestamp"], None
+    dates = [c for c in columns if _key(c) == "date"]
+    times = [c for c in columns if _key(c) == "time"]
+    if dates and times:  # MetaTrader: separate <DATE> and <TIME>
+        date_col, time_col = dates[0], times[0]
     missing = [f for f, col in picked.items() if col is None]
     if missing:
         raise BarsError(f"{source}: missing column(s) {missing}; found {columns}")
+    ticks = next((c for c in columns if _key(c) in ("tickvol", "tickvolume")), None)
+    if ticks is not None and (pd.to_numeric(frame[picked["volume"]], errors="coerce") == 0).all():
+        picked["volume"] = ticks  # MetaTrader FX: real volume is 0, tick volume is the activity measure
     stamps = frame[date_col]
     if time_col is not None:
         stamps = frame[date_col].astype(str) + " " + frame[time_col].astype(str)
@@ -296,10 +305,12 @@ class Calendar:
 
     def is_open(self, t: pd.Timestamp) -> bool:
         if self.sessions == "weekdays":
-            return t.dayofweek < 5
+            return t.day_of_week < 5
         if self.sessions == "fx":
-            day, hour = t.dayofweek, t.hour
-            return not (day == 5 or (day == 4 and hour >= self.fx_close[0]) or (day == 6 and hour < self.fx_close[1]))
+            day, hour = t.day_of_week, t.hour
+            return not (
+                day == 5 or (day == 4 and hour >= self.fx_close[0]) or (day == 6 and hour < self.fx_close[1])
+            )
         return True
 
     def next(self, t: pd.Timestamp) -> pd.Timestamp:
@@ -336,14 +347,14 @@ def detect_calendar(stamp: pd.DatetimeIndex) -> Calendar:
             f"bars are spaced {median} apart (median); Kiln knows these spacings: "
             f"{ {n: str(d) for n, d in FREQUENCIES.items()} }"
         )
-    weekend = (stamp.dayofweek >= 5).any()
+    weekend = (stamp.day_of_week >= 5).any()
     if frequency == "daily":
         return Calendar(frequency, sessions="all" if weekend else "weekdays")
     if frequency == "weekly":
         return Calendar(frequency)
-    if (stamp.dayofweek == 5).any():  # intraday with Saturday bars: a 24/7 market
+    if (stamp.day_of_week == 5).any():  # intraday with Saturday bars: a 24/7 market
         return Calendar(frequency)
-    fridays, sundays = stamp[stamp.dayofweek == 4], stamp[stamp.dayofweek == 6]
+    fridays, sundays = stamp[stamp.day_of_week == 4], stamp[stamp.day_of_week == 6]
     close = int(fridays.hour.max()) + 1 if len(fridays) else _DEFAULT_FX_CLOSE[0]
     reopen = int(sundays.hour.min()) if len(sundays) else _DEFAULT_FX_CLOSE[1]
     return Calendar(frequency, sessions="fx", fx_close=(close, reopen))
@@ -369,8 +380,10 @@ def _apply_gap_policy(bars: pd.DataFrame, calendar: Calendar, gaps: str, max_gap
         missing = calendar.slots_between(stamp[i], stamp[i + 1], max_gap)
         if missing == 0:
             continue
-        what = f"{missing if missing <= max_gap else f'more than {max_gap}'} missing bar(s) between " \
-               f"{stamp[i].isoformat()} and {stamp[i + 1].isoformat()}"
+        what = (
+            f"{missing if missing <= max_gap else f'more than {max_gap}'} missing bar(s) between "
+            f"{stamp[i].isoformat()} and {stamp[i + 1].isoformat()}"
+        )
         if gaps == "error":
             raise BarsError(f"gap: {what} (gap policy 'error'; 'keep' or 'fill' accept gaps)")
         if missing > max_gap:
