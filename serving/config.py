@@ -52,9 +52,7 @@ class ServeConfig:
     @classmethod
     def from_env(cls) -> ServeConfig:
         models = tuple(
-            m.strip()
-            for m in os.environ.get("KILN_MODELS", DEFAULT_MODELS).split(",")
-            if m.strip()
+            m.strip() for m in os.environ.get("KILN_MODELS", DEFAULT_MODELS).split(",") if m.strip()
         )
         if not models:
             raise ConfigError("KILN_MODELS is empty; name at least one model, e.g. KILN_MODELS=vit-soft")

@@ -177,9 +177,13 @@ def train_forecaster(
             running += loss.item() * len(idx)
         train_loss = running / len(order)
         q_val = torch.from_numpy(predict(model, val.x, val.scale))
-        val_loss = pinball(q_val, torch.from_numpy(val.y), levels, torch.from_numpy(val.scale) * sqrt_h).item()
+        val_loss = pinball(
+            q_val, torch.from_numpy(val.y), levels, torch.from_numpy(val.scale) * sqrt_h
+        ).item()
         if not math.isfinite(val_loss):
-            raise RuntimeError(f"{name}: training diverged in epoch {epoch}; lower the recipe's lr ({recipe.lr})")
+            raise RuntimeError(
+                f"{name}: training diverged in epoch {epoch}; lower the recipe's lr ({recipe.lr})"
+            )
         if val_loss < best_val:
             best_val, best_epoch = val_loss, epoch
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(best_path))

@@ -15,6 +15,7 @@ trained ones are interpolated linearly (the trained levels are non-crossing, so 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from functools import lru_cache
 
@@ -78,7 +79,7 @@ class Forecaster(LoadedModel):
     ) -> tuple[list[pd.Timestamp], np.ndarray, dict[float, np.ndarray]]:
         """Prices: (timestamps, median close path (horizon,), {level: (horizon,) prices})."""
         try:
-            x, scale = last_window(bars, self.context)
+            x, scale = await asyncio.to_thread(last_window, bars, self.context)  # pandas work off the loop
         except ValueError as exc:
             raise InferenceError(400, str(exc)) from None
         t0 = time.perf_counter()

@@ -141,7 +141,7 @@ def test_unknown_spacing_lists_the_known_ones():
         validate_bars(_bars(freq="7min"))
 
 
-# --- gap policy ----------------------------------------------------------------------------------------------
+# --- gap policy ------------------------------------------------------------------------------------------
 
 
 def test_weekends_are_not_gaps_but_a_missing_business_day_is():

@@ -100,7 +100,10 @@ def test_cci(goog, ind):
 
 def test_stochastic(goog, ind):
     h, lo, c = (goog[k].to_numpy() for k in ("high", "low", "close"))
-    k = np.array([np.nan] * 13 + [100 * (c[i] - lo[i - 13 : i + 1].min()) / (h[i - 13 : i + 1].max() - lo[i - 13 : i + 1].min()) for i in range(13, len(c))])  # fmt: skip
+    k = np.full_like(c, np.nan)
+    for i in range(13, len(c)):
+        lowest, highest = lo[i - 13 : i + 1].min(), h[i - 13 : i + 1].max()
+        k[i] = 100 * (c[i] - lowest) / (highest - lowest)  # Lane's %K over 14 bars
     _close(ind["stoch_k"], k, start=13)
     _close(ind["stoch_d"], _sma(k, 3), start=15)
 
