@@ -72,6 +72,7 @@ def test_readme_names_every_cli_command():
         "kiln models list",
         "kiln bench vit",
         "kiln bench diffusion",
+        "kiln bench forecast",
     ):
         assert command in README
 
