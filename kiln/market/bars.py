@@ -6,9 +6,10 @@ through :func:`validate_bars`, so a series the server accepts is one the trainer
 
 Layouts read by :func:`read_bars` (CSV with any delimiter, or Parquet): column names are matched
 case-insensitively after dropping ``<>``, spaces, underscores and units, so the exports of common tools
-load as they are — yfinance / Yahoo (``Date, Open, High, Low, Close, Adj Close, Volume``), Binance klines
-(``open_time`` in epoch milliseconds), CryptoDataDownload (a URL line first, ``unix``/``date``, ``Volume
-BTC``, newest bar first), MetaTrader (``<DATE> <TIME> <OPEN> ... <TICKVOL>``, separate date and time),
+load as they are — yfinance / Yahoo (``Date, Open, High, Low, Close, Adj Close, Volume``), Binance
+klines (``open_time`` in epoch milliseconds or microseconds, with or without the header row),
+CryptoDataDownload (a URL line first, ``unix``/``date``, ``Volume BTC``, newest bar first), MetaTrader
+(``<DATE> <TIME> <OPEN> ... <TICKVOL>``, separate date and time),
 TradingView (``time`` in epoch seconds), backtesting.py (``Open, High, Low, Close, Volume`` with the time
 as the first, unnamed column) and pandas' own ``to_csv``/``to_parquet`` of a DatetimeIndex. Epoch
 numbers are read in seconds, milliseconds, microseconds or nanoseconds by magnitude. A file whose
@@ -92,6 +93,17 @@ _ALIASES = {
 }  # fmt: skip
 
 
+_BINANCE_KLINES = ("open_time", "open", "high", "low", "close", "volume")
+
+
+def _headerless(columns) -> bool:
+    try:
+        [float(c) for c in columns]
+    except (TypeError, ValueError):
+        return False
+    return len(columns) >= len(_BINANCE_KLINES)
+
+
 def _key(name: object) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower())
 
@@ -168,7 +180,11 @@ def read_bars(path: str | Path) -> pd.DataFrame:
             text = path.read_text(errors="replace")
             lines = text.splitlines()
             skip = 1 if lines and lines[0].lower().startswith(("http", "www.")) else 0  # CryptoDataDownload
-            frame = pd.read_csv(io.StringIO("\n".join(lines[skip:])), sep=None, engine="python")
+            body = "\n".join(lines[skip:])
+            frame = pd.read_csv(io.StringIO(body), sep=None, engine="python")
+            if _headerless(frame.columns):  # Binance's data.binance.vision klines carry no header row
+                frame = pd.read_csv(io.StringIO(body), sep=None, engine="python", header=None)
+                frame.columns = [*_BINANCE_KLINES, *frame.columns[len(_BINANCE_KLINES) :]]
     except (OSError, ValueError, ImportError, pd.errors.ParserError) as exc:
         raise BarsError(f"cannot read {path}: {exc}") from None
     return _standardise(frame, source=str(path))

@@ -55,6 +55,19 @@ def test_binance_epoch_milliseconds(tmp_path):
     assert bars.index[1] - bars.index[0] == pd.Timedelta(hours=1)
 
 
+def test_binance_vision_klines_without_header_in_microseconds(tmp_path):
+    p = tmp_path / "BTCUSDT-1h-2025-01.csv"
+    p.write_text(
+        "1735689600000000,93576.0,94509.4,93489.0,94401.1,1000.5,1735693199999999,9.4e7,12345,500.1,4.7e7,0\n"
+        "1735693200000000,94401.1,94500.0,94200.0,94300.0,900.1,1735696799999999,8.5e7,11111,450.0,4.2e7,0\n"
+    )
+    bars = read_bars(p)
+    assert bars.index[0] == pd.Timestamp("2025-01-01T00:00:00Z") and bars["close"].tolist() == [
+        94401.1,
+        94300.0,
+    ]
+
+
 def test_cryptodatadownload_url_line_newest_first_and_unit_volume(tmp_path):
     p = tmp_path / "cdd.csv"
     p.write_text(
