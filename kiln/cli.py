@@ -95,7 +95,7 @@ def export_cmd(
             "-f",
             help="Format(s) to build; repeatable. Classifiers: onnx, int8-static, fp16-trt, int8-trt. "
             "Diffusion: onnx, int8-ptq4dm, int8-uniform, int8-noised, fp16-trt, int8-trt. "
-            "Forecasters: onnx, int8-dynamic. "
+            "Forecasters: onnx, int8-static (served only if it holds accuracy). "
             "Default: every format of the model's task (TensorRT only on a GPU).",
         ),
     ] = None,
