@@ -157,7 +157,7 @@ def train_forecaster(
     run_path = run_dir(name)
     best_path = run_path / "best.safetensors"
     best_val, best_epoch, step, train_loss = math.inf, -1, 0, math.nan
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     bar = tqdm(range(epochs), desc=f"train {name}", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
@@ -188,7 +188,7 @@ def train_forecaster(
             best_val, best_epoch = val_loss, epoch
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(best_path))
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{best_val:.4f}")
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
 
     model.load_state_dict(load_file(str(best_path)))
     val_metrics = interval_metrics(predict(model, val.x, val.scale), val.y, quantiles)
@@ -197,6 +197,10 @@ def train_forecaster(
         "val_loss": best_val,
         **{f"val_{k}": v for k, v in val_metrics.items()},
         "train_seconds": round(seconds, 1),
+        # CPU time of the process: what the wall time would be alone on the cores it used (a shared machine
+        # stretches the wall time, not this)
+        "train_cpu_seconds": round(cpu_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "best_epoch": best_epoch,
     }
