@@ -9,8 +9,9 @@ Inference Protocol serves). Encode: quantiles of the h-step log-return become pr
 (business days for daily equity bars, FX hours skipping the weekend close, every hour for 24/7 markets).
 
 Without ``model`` the server picks the forecaster trained for the bars' frequency (``hourly``,
-``daily``...), or answers 400 naming the frequencies it has. Requested quantile levels between the
-trained ones are interpolated linearly (the trained levels are non-crossing, so the result is too).
+``daily``...; of several, the first in ``KILN_MODELS``), or answers 400 naming the frequencies it has.
+Requested quantile levels between the trained ones are interpolated linearly (the trained levels are
+non-crossing, so the result is too).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def _pick(repo: ModelRepository, req: ForecastRequest, calendar: Calendar) -> Fo
         return served
     loaded = {
         name: repo.get(name)
-        for name, versions in sorted(repo.models.items())
+        for name, versions in repo.models.items()  # load order = KILN_MODELS order: the first one wins
         if any(isinstance(m, Forecaster) for m in versions.values())
     }
     fitting = [m for m in loaded.values() if isinstance(m, Forecaster) and m.frequency == calendar.frequency]
