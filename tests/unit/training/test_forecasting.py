@@ -116,3 +116,25 @@ def test_horizon_targets_match_prices(goog_csv):
     te = s.split("test", 24, 4)
     rows = s.origins("test", 24, 4)
     np.testing.assert_allclose(np.exp(te.y[:, 2]), s.close_at(rows + 3) / s.close_at(rows), rtol=1e-5)
+
+
+def test_int8_graph_is_served_only_if_it_holds_accuracy(trained, monkeypatch):
+    """The int8 gate: export records holds_accuracy (validation); serving drops a graph without it."""
+    from kiln.artifacts import get_artifact
+    from serving.config import ServeConfig
+    from serving.tasks.forecasting import Forecaster
+
+    needed = ["int8-static"] if get_artifact(trained.artifact.tag).export("onnx") else ["onnx", "int8-static"]
+    art = export_artifact(trained.artifact.tag, needed, log=lambda _: None, progress=False)
+    entry = art.export("int8-static")
+    assert entry["backend"] == "onnxruntime-int8" and isinstance(entry["holds_accuracy"], bool)
+    monkeypatch.setenv("KILN_THREADS", "1")
+    config = ServeConfig.from_env()
+    art.update(exports={"int8-static": {**entry, "holds_accuracy": True}})
+    served = Forecaster(art, config)
+    assert "onnxruntime-int8" in served.backends
+    served.close()
+    art.update(exports={"int8-static": {**entry, "holds_accuracy": False}})
+    served = Forecaster(art, config)
+    assert served.backends == ["onnxruntime", "pytorch"]
+    served.close()
