@@ -16,6 +16,7 @@ COPY benchmarks benchmarks
 ARG PIP_EXTRA_INDEX_URL=""
 RUN pip install -c constraints.txt . \
  && kiln train vit-soft --export && kiln train vit-softmax --export && kiln train diffusion-digits --export \
+ && kiln train forecaster-goog-daily --export && kiln train forecaster-eurusd-hourly --export \
  && groupadd -g 10001 kiln && useradd -u 10001 -g kiln -M -s /usr/sbin/nologin kiln \
  && chown -R kiln:kiln /var/lib/kiln
 USER 10001

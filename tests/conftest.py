@@ -43,8 +43,8 @@ from serverproc import start_server, stop_server  # noqa: E402
 
 @pytest.fixture(scope="session")
 def server(kiln_home):
-    """`kiln serve` on an empty store: trains (2 epochs) and exports the default models (the two ViTs and
-    the diffusion model), then serves.
+    """`kiln serve` on an empty store: trains (2 epochs) and exports the default models (the two ViTs,
+    the diffusion model and the two forecasters), then serves.
 
     This is the first-run path of `make serve`, shortened only in epochs.
     """
