@@ -11,6 +11,10 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -255,3 +259,71 @@ def test_without_an_llm_agent_routes_answer_503_and_the_rest_serves(server):
     r = _solve(server, question=QUESTION)
     assert r.status_code == 503 and "KILN_LLM_BASE_URL" in r.json()["error"]
     assert httpx.post(f"{server.http}/classify", json={"image": IMAGE}, timeout=30).status_code == 200
+
+
+# --- the README's agent section runs (its LLM blocks against this server and the double) --------------
+
+_README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def _agent_blocks(lang: str) -> list[str]:
+    start = _README.index("## Agents")
+    end = _README.index("\n## ", start + 1)
+    return re.findall(rf"```{lang}\n(.*?)```", _README[start:end], flags=re.S)
+
+
+def _script_for(block: str, llm) -> None:
+    """What the LLM double says for each README request (blocks that need an LLM say so)."""
+    if '"strategy": "iep"' in block:
+        llm.script(r'is "Paris"', '{"relation": "contradiction", "reason": "it moved away from the capital"}')
+        llm.script(r'is "Lyon"', '{"relation": "entailment", "reason": "it moved to Lyon"}')
+        llm.script(r'is "Nice"', '{"relation": "contradiction", "reason": "it moved to Lyon"}')
+    elif '"tools": ["classify"], "stream": true' in block:
+        llm.script(
+            "Which digit is drawn in",
+            {"tool_calls": [{"name": "classify", "arguments": {"image": IMAGE, "model": "vit-soft"}}]},
+            "The classifier answered.",
+        )
+        llm.script(
+            r"Facts gathered.*think step by step", "The classifier named it.\nAnswer: the classifier's label"
+        )
+    elif "synthesize" in block:
+        llm.script("realistic tasks", json.dumps([f"Classify the digit {IMAGE} with vit-soft"]))
+        llm.script(
+            "exploring Kiln",
+            {"tool_calls": [{"name": "classify", "arguments": {"image": IMAGE, "model": "vit-soft"}}]},
+            "Done.",
+        )
+        llm.script("accomplish exactly", '{"instruction": "Classify a 6x5 digit drawing with vit-soft"}')
+
+
+@pytest.mark.parametrize("index", range(len(_agent_blocks("bash"))))
+def test_readme_agent_requests_run(agent_server, llm, index, tmp_path):
+    block = _agent_blocks("bash")[index]
+    if "/agent/solve" in block or "/synthesize" in block:
+        assert block.startswith("# needs an LLM"), "README blocks that need an LLM are marked"
+    _script_for(block, llm)
+    code = block.replace("localhost:3000", agent_server.http_hostport)
+    r = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "KILN_ADMIN_TOKEN": ADMIN},
+    )
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.strip() and "error" not in r.stdout.lower(), r.stdout
+
+
+@pytest.mark.parametrize("index", range(len(_agent_blocks("python"))))
+def test_readme_mcp_python_runs(agent_server, index):
+    code = _agent_blocks("python")[index].replace("localhost:3000", agent_server.http_hostport)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "classify" in r.stdout
+
+
+def test_readme_mcp_client_config_is_json_pointing_at_mcp():
+    [config] = _agent_blocks("json")
+    assert json.loads(config)["mcpServers"]["kiln"]["url"] == "http://localhost:3000/mcp"
