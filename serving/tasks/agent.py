@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Body, Depends, Header, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -99,7 +99,7 @@ class _Agent:
         if self._tools is None:
             from serving.tasks import tools  # the registry imports this module: resolve at first use
 
-            self._tools = [t for t in tools(self.repo)]
+            self._tools = tools(self.repo)
         return self._tools
 
     def require_llm(self) -> LLM:
@@ -119,7 +119,8 @@ class _Agent:
         return [by_name[n] for n in names]
 
 
-def _authorize(authorization: str | None) -> None:
+def _authorize(authorization: str | None = Header(None)) -> None:
+    """The admin check, run before the body is read: 403 when off, 401 without a token, 403 when wrong."""
     expected = os.environ.get(ADMIN_TOKEN_ENV, "")
     if not expected:
         raise InferenceError(
@@ -221,10 +222,14 @@ def router(repo: ModelRepository) -> APIRouter:
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
-    @api.post("/agent/trajectories/synthesize", response_model=SynthesizeResponse)
-    async def synthesize_trajectories(req: SynthesizeRequest, authorization: str | None = Header(None)):
+    @api.post(
+        "/agent/trajectories/synthesize",
+        response_model=SynthesizeResponse,
+        dependencies=[Depends(_authorize)],
+    )
+    async def synthesize_trajectories(req: SynthesizeRequest | None = Body(None)):
         """Learn-by-interact: synthesize tasks from docs, run them with the tools, store what they did."""
-        _authorize(authorization)
+        req = req or SynthesizeRequest()
         llm = agent.require_llm()
         tools = agent.select(req.tools or ["*"])
         if not tools:

@@ -209,6 +209,7 @@ def test_mcp_lists_and_calls_kiln_tools_with_the_mcp_client(agent_server):
 def test_synthesize_needs_the_admin_token(agent_server):
     url = f"{agent_server.http}/agent/trajectories/synthesize"
     assert httpx.post(url, json={}, timeout=10).status_code == 401
+    assert httpx.post(url, timeout=10).status_code == 401  # the token is checked before the body
     r = httpx.post(url, json={}, headers={"Authorization": "Bearer wrong"}, timeout=10)
     assert r.status_code == 403 and "wrong admin token" in r.json()["error"]
 

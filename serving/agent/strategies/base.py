@@ -303,16 +303,27 @@ def _option(raw: str, options: list[str], allowed: list[int]) -> str:
     raise ReplyError(f"option {m.group(1)!r} does not exist; choose one of {names}")
 
 
-def parse_json(text: str) -> Any:
-    """The first JSON object or array in the reply (code fences and prose around it are allowed)."""
+def parse_json(text: str, last: bool = False) -> Any:
+    """The first (or ``last``) top-level JSON object or array in the reply; code fences and prose around
+    it are allowed (a chain-of-thought reply reasons first and ends with its JSON verdict)."""
     text = _check_text(text)
     decoder = json.JSONDecoder()
-    for i, ch in enumerate(text):
-        if ch in "{[":
+    found, i = [], 0
+    while i < len(text):
+        if text[i] in "{[":
             try:
-                return decoder.raw_decode(text[i:])[0]
+                value, end = decoder.raw_decode(text, i)
             except json.JSONDecodeError:
+                i += 1
                 continue
+            if not last:
+                return value
+            found.append(value)
+            i = end  # skip what is nested inside it
+            continue
+        i += 1
+    if found:
+        return found[-1]
     if _REFUSAL.search(text):
         raise ReplyError("the reply is a refusal, not JSON")
     raise ReplyError("the reply contains no valid JSON")

@@ -49,7 +49,7 @@ def parse_candidates(text: str) -> list[str]:
 
 
 def parse_relation(text: str) -> dict[str, str]:
-    data = parse_json(text)
+    data = parse_json(text, last=True)  # after any step-by-step reasoning (iep+cot)
     if not isinstance(data, dict) or "relation" not in data:
         raise ReplyError('expected a JSON object {"relation": ..., "reason": ...}')
     relation = str(data["relation"]).strip().lower()

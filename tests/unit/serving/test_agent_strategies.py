@@ -78,6 +78,11 @@ def test_parse_json_finds_json_in_prose_and_fences():
     assert parse_json('The list: ["x", "y"] as asked') == ["x", "y"]
     with pytest.raises(ReplyError, match="no valid JSON"):
         parse_json('{"relation": "contradiction", ')
+    reasoning = (
+        'Let {x} be the city; {"a": 1} is a guess.\nVerdict: {"relation": "neutral", "nested": {"b": 2}}'
+    )
+    assert parse_json(reasoning) == {"a": 1}
+    assert parse_json(reasoning, last=True) == {"relation": "neutral", "nested": {"b": 2}}
 
 
 # --- strategies -------------------------------------------------------------------------------------
