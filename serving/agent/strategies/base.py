@@ -31,7 +31,7 @@ GATHER_SYSTEM = (
     "You can call Kiln's tools to gather facts the question needs. Call them as needed; when you have the "
     "facts, reply with a short summary of them (no answer)."
 )
-_ANSWER = re.compile(r"(?:^|\n)\W*(?:final\s+)?answer\W*[:：]\s*(.+)", re.I)
+_ANSWER = re.compile(r"(?:^|\n)[^\n]*?\banswer(?:\s+is)?\W*[:：]\s*(.+)", re.I)  # the last such line counts
 
 
 class AgentError(Exception):

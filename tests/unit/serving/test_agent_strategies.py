@@ -50,6 +50,8 @@ def solve(llm, strategy, problem, **run_kw):
         ("**Answer:** (B)", "Lyon"),
         ("answer: b.", "Lyon"),
         ("Final answer: Lyon", "Lyon"),
+        ("So the final answer is: (B) Lyon", "Lyon"),
+        ("<think>A or B?</think>\nThe answer: b", "Lyon"),
         ("Reasoning... Answer: A\nOn reflection,\nAnswer: C) Nice", "Nice"),
     ],
 )
