@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -37,6 +38,8 @@ from serving.agent.strategies import STRATEGIES
 from serving.agent.strategies.base import AgentError, Problem, Run
 from serving.agent.tools import Tool
 from serving.repository import InferenceError, ModelRepository
+
+log = logging.getLogger("kiln.serving")
 
 TASK = "agent"
 ADMIN_TOKEN_ENV = "KILN_ADMIN_TOKEN"
@@ -89,6 +92,11 @@ class _Agent:
     def __init__(self, repo: ModelRepository):
         config = LLMConfig.from_env()  # raises LLMConfigError at start-up for bad settings
         self.llm = LLM(config) if config is not None else None
+        if config is None:
+            log.info("agent: no LLM configured (KILN_LLM_BASE_URL); the /agent routes answer 503")
+        else:
+            log.info("agent: LLM %r at %s (timeout %gs, %d retries)", config.model, config.base_url,
+                     config.timeout, config.max_retries)  # fmt: skip
         self.repo = repo
         self._tools: list[Tool] | None = None
         self.store = SQLiteTrajectoryStore()
