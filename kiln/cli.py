@@ -289,24 +289,34 @@ def bench(
     suite: Annotated[
         str,
         typer.Argument(
-            help="Benchmark suite: vit (attention, runtimes, serving) or diffusion (samplers, PTQ4DM int8, "
-            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing)."
+            help="Benchmark suite: vit (attention, runtimes, serving), diffusion (samplers, PTQ4DM int8, "
+            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing) or agent "
+            "(CoT / IEP / IEP+CoT accuracy and LLM calls on --data; needs an LLM)."
         ),
     ] = "vit",
     quick: Annotated[
         bool, typer.Option(help="Fewer repetitions and sizes (a smoke run; not for the record).")
     ] = False,
     output: Annotated[str, typer.Option(help="Markdown file to update.")] = "BENCHMARKS.md",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="agent suite: JSONL of multiple-choice questions ({question, options, answer index, "
+            "context?}); default benchmarks/data/agent_mc.jsonl. The agent suite needs KILN_LLM_BASE_URL "
+            "and KILN_LLM_MODEL."
+        ),
+    ] = None,
 ) -> None:
     """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""
-    suites = ("vit", "diffusion")
+    suites = ("vit", "diffusion", "agent")
     if suite not in suites:
         _fail(f"unknown benchmark suite {suite!r}; valid: {', '.join(suites)}")
     import importlib
 
     module = importlib.import_module(f"benchmarks.{suite}")
     try:
-        module.run(quick=quick, output=output, command=" ".join(["kiln", *sys.argv[1:]]))
+        options = {"data": data} if suite == "agent" else {}
+        module.run(quick=quick, output=output, command=" ".join(["kiln", *sys.argv[1:]]), **options)
     except module.BenchmarkError as exc:
         _fail(str(exc))
 
