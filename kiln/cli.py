@@ -167,6 +167,14 @@ def serve(
     train_epochs: Annotated[
         int | None, typer.Option(min=1, help="Epochs for models trained here (default: the recipe's).")
     ] = None,
+    prepare_jobs: Annotated[
+        int | None,
+        typer.Option(
+            envvar="KILN_PREPARE_JOBS",
+            min=1,
+            help="Missing models trained/exported at once, each in its own process (default: one per core).",
+        ),
+    ] = None,
 ) -> None:
     """Serve models over HTTP (BentoML) and gRPC, training and exporting missing ones first.
 
@@ -193,7 +201,7 @@ def serve(
         config = ServeConfig.from_env()
     except ConfigError as exc:
         _fail(str(exc))
-    _ensure_models(config.models, train_missing, train_epochs)
+    _prepare(config.models, train_missing, train_epochs, prepare_jobs)
     typer.echo(f"HTTP  http://localhost:{http_port}  (task routes: /docs.json; /v2/...; GET /metrics)")
     if grpc_port:
         typer.echo(f"gRPC  localhost:{grpc_port}  (inference.GRPCInferenceService)")
@@ -211,28 +219,41 @@ def serve(
     os.execv(sys.executable, cmd)
 
 
-def _ensure_models(tags: tuple[str, ...], train_missing: bool, epochs: int | None) -> None:
-    from kiln.artifacts import ArtifactError, get_artifact
+def _prepare(tags, train_missing: bool, epochs: int | None, jobs: int | None) -> None:
+    from export.pipeline import ExportError
+    from kiln.artifacts import ArtifactError
+    from kiln.prepare import PrepareError, prepare
 
-    for tag in tags:
-        try:
-            art = get_artifact(tag)
-        except ArtifactError as exc:
-            from training.recipes import RECIPES
+    try:
+        prepare(tags, train_missing=train_missing, epochs=epochs, jobs=jobs, log=typer.echo)
+    except (PrepareError, ArtifactError, ExportError, ValueError) as exc:
+        _fail(str(exc))
 
-            if ":" in tag or tag not in RECIPES or not train_missing:
-                _fail(str(exc))
-            typer.echo(f"{tag}: not in the model store; training it (first run only)")
-            from training.trainer import train as run_training
 
-            art = run_training(tag, epochs=epochs).artifact
-        from export.pipeline import spec_for
+@app.command("prepare")
+def prepare_cmd(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(help="Models to make servable (default: the ones `kiln serve` serves by default)."),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs for models trained here.")] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            envvar="KILN_PREPARE_JOBS",
+            min=1,
+            help="Models prepared at once, each in its own process (default: one per core).",
+        ),
+    ] = None,
+) -> None:
+    """Train the models the store lacks and build their default exports (what `kiln serve` does first).
 
-        missing = [f for f in spec_for(art).default_formats if not art.export(f)]
-        if missing:
-            if not train_missing:
-                _fail(f"{art.tag} lacks exports {missing}; run `kiln export {art.tag}`")
-            _export(art.tag, missing)
+    Models a recipe requires (FID-digits' classifier for diffusion, an old embedding model for a compatible
+    new one) are prepared first. Useful as an image-build or init step, so a server starts at once.
+    """
+    from training.recipes import DEFAULT_MODELS
+
+    _prepare(tuple(models or DEFAULT_MODELS), True, epochs, jobs)
 
 
 @models_app.command("list")
@@ -293,7 +314,8 @@ def bench(
         str,
         typer.Argument(
             help="Benchmark suite: vit (attention, runtimes, serving), diffusion (samplers, PTQ4DM int8, "
-            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing) or forecast "
+            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing), agent "
+            "(CoT / IEP / IEP+CoT accuracy and LLM calls on --data; needs an LLM) or forecast "
             "(walk-forward backtest of the forecasters and baselines on GOOG daily and EURUSD hourly)."
         ),
     ] = "vit",
@@ -301,16 +323,25 @@ def bench(
         bool, typer.Option(help="Fewer repetitions and sizes (a smoke run; not for the record).")
     ] = False,
     output: Annotated[str, typer.Option(help="Markdown file to update.")] = "BENCHMARKS.md",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="agent suite: JSONL of multiple-choice questions ({question, options, answer index, "
+            "context?}); default benchmarks/data/agent_mc.jsonl. The agent suite needs KILN_LLM_BASE_URL "
+            "and KILN_LLM_MODEL."
+        ),
+    ] = None,
 ) -> None:
     """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""
-    suites = ("vit", "diffusion", "forecast")
+    suites = ("vit", "diffusion", "agent", "forecast")
     if suite not in suites:
         _fail(f"unknown benchmark suite {suite!r}; valid: {', '.join(suites)}")
     import importlib
 
     module = importlib.import_module(f"benchmarks.{suite}")
     try:
-        module.run(quick=quick, output=output, command=" ".join(["kiln", *sys.argv[1:]]))
+        options = {"data": data} if suite == "agent" else {}
+        module.run(quick=quick, output=output, command=" ".join(["kiln", *sys.argv[1:]]), **options)
     except module.BenchmarkError as exc:
         _fail(str(exc))
 

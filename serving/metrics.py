@@ -120,3 +120,33 @@ def record_request(
         REQUEST_SECONDS.labels(model=model, version=version, backend=backend, protocol=protocol).observe(
             seconds
         )
+
+
+# The agent family (serving/agent): calls to the configured OpenAI-compatible LLM, its token usage, and
+# Kiln tool calls made by the agent or over MCP. Labelled by the LLM's model name, not Kiln's models.
+LLM_CALLS = prometheus_client.Counter(
+    name="kiln_llm_calls_total",
+    documentation="Chat-completion calls to the configured LLM, by outcome (status=success|failure)",
+    labelnames=["llm_model", "status"],
+)
+LLM_TOKENS = prometheus_client.Counter(
+    name="kiln_llm_tokens_total",
+    documentation="Tokens the LLM reported in its usage (kind=prompt|completion)",
+    labelnames=["llm_model", "kind"],
+)
+LLM_CALL_SECONDS = prometheus_client.Histogram(
+    name="kiln_llm_call_seconds",
+    documentation="Wall time of one chat-completion call to the LLM, retries included",
+    labelnames=["llm_model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+AGENT_SOLVES = prometheus_client.Counter(
+    name="kiln_agent_solves_total",
+    documentation="POST /agent/solve requests by strategy and outcome",
+    labelnames=["strategy", "status"],
+)
+TOOL_CALLS = prometheus_client.Counter(
+    name="kiln_tool_calls_total",
+    documentation="Kiln tools called by the agent (caller=agent) or over MCP (caller=mcp), by outcome",
+    labelnames=["tool", "caller", "status"],
+)

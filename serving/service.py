@@ -1,6 +1,6 @@
 """The Kiln BentoML service, a composition: every task's routes (``serving.tasks``, one FastAPI app),
 the Open Inference Protocol over HTTP (mounted at /v2) and gRPC (a grpc.aio server started in the
-service's lifecycle), and Prometheus metrics on /metrics.
+service's lifecycle), every task's tools over MCP (/mcp), and Prometheus metrics on /metrics.
 
 Configured by ``KILN_*`` environment variables (:class:`serving.config.ServeConfig`), which
 ``kiln serve`` sets from its flags. Run directly with ``bentoml serve serving.service:Kiln``.
@@ -14,13 +14,14 @@ import bentoml
 
 import serving  # noqa: F401  (configures the model store before bentoml is imported)
 from kiln.artifacts import get_artifact
+from serving.agent.mcp import create_mcp_app
 from serving.config import ServeConfig
 from serving.limits import BodyLimitMiddleware
 from serving.oip.grpc_server import start_grpc_server
 from serving.oip.http import MountRootMiddleware, create_oip_app
 from serving.repository import ModelRepository
 from serving.routes import create_task_app
-from serving.tasks import load_model, routers
+from serving.tasks import load_model, routers, tools
 
 log = logging.getLogger("kiln.serving")
 
@@ -37,6 +38,7 @@ def _load_models() -> None:
 
 
 @bentoml.service(name="kiln", workers=CONFIG.workers, traffic={"timeout": 60})
+@bentoml.asgi_app(create_mcp_app(tools(REPOSITORY), host=CONFIG.host), path="/mcp")  # Kiln's tools over MCP
 @bentoml.asgi_app(create_oip_app(REPOSITORY, max_request_bytes=CONFIG.max_request_bytes), path="/v2")
 @bentoml.asgi_app(create_task_app(routers(REPOSITORY)), path="/")
 class Kiln:
@@ -68,3 +70,4 @@ class Kiln:
 
 Kiln.add_asgi_middleware(BodyLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
 Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/v2")  # GET /v2 answers, not 307 → /v2/
+Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/mcp")  # MCP clients POST to /mcp itself

@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from kiln.imaging import to_model_input
+from serving.agent.tools import Tool
 from serving.images import decode_image
 from serving.model import LoadedModel
 from serving.repository import ModelRepository
@@ -55,24 +56,46 @@ class ClassifyResponse(BaseModel):
     backend: str
 
 
+async def classify_image(repo: ModelRepository, req: ClassifyRequest) -> ClassifyResponse:
+    """Classify one grayscale digit image (the route and the ``classify`` tool both run this)."""
+    with observed() as labels:
+        served = task_model(repo, Classifier, req.model, req.version)
+        chosen = served.resolve_backend(req.backend or None)
+        labels.update(model=served.name, version=served.version, backend=chosen)
+        pred, probs = await served.classify(decode_image(req.image)[None], chosen)
+    names = served.labels or [str(i) for i in range(probs.shape[1])]
+    return ClassifyResponse(
+        label=names[int(pred[0])],
+        probabilities={names[i]: float(v) for i, v in enumerate(probs[0])},
+        model=served.name,
+        version=served.version,
+        backend=chosen,
+    )
+
+
 def router(repo: ModelRepository) -> APIRouter:
     api = APIRouter(tags=["classification"])
 
     @api.post("/classify", response_model=ClassifyResponse)
     async def classify(req: ClassifyRequest) -> ClassifyResponse:
         """Classify one grayscale digit image."""
-        with observed() as labels:
-            served = task_model(repo, Classifier, req.model, req.version)
-            chosen = served.resolve_backend(req.backend or None)
-            labels.update(model=served.name, version=served.version, backend=chosen)
-            pred, probs = await served.classify(decode_image(req.image)[None], chosen)
-        names = served.labels or [str(i) for i in range(probs.shape[1])]
-        return ClassifyResponse(
-            label=names[int(pred[0])],
-            probabilities={names[i]: float(v) for i, v in enumerate(probs[0])},
-            model=served.name,
-            version=served.version,
-            backend=chosen,
-        )
+        return await classify_image(repo, req)
 
     return api
+
+
+def tools(repo: ModelRepository) -> list[Tool]:
+    """The task's tools slot: ``/classify`` for the agent and MCP clients (same request model)."""
+
+    async def handler(req: ClassifyRequest) -> ClassifyResponse:
+        return await classify_image(repo, req)
+
+    return [
+        Tool(
+            name="classify",
+            description="Classify a handwritten digit image (nested list H×W of values in [0, 1], ink = 1, "
+            "or a base64 PNG) with one of Kiln's image classifiers; returns the label and probabilities.",
+            request_model=ClassifyRequest,
+            handler=handler,
+        )
+    ]

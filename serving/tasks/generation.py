@@ -32,6 +32,7 @@ from model_zoo.schedulers import SAMPLERS, BDIASampler, NoiseSchedule, create_sa
 from model_zoo.schedulers.hallucination import filter_lowest, hallucination_score
 from model_zoo.schedulers.loop import arun_sampler, invert_steps, reconstruct_steps, sample_steps
 from serving import metrics
+from serving.agent.tools import Tool
 from serving.images import decode_image
 from serving.model import LoadedModel
 from serving.repository import InferenceError, ModelRepository
@@ -295,63 +296,71 @@ def _state(values: list[list[float]], field: str, size: tuple[int, int]) -> np.n
     return arr
 
 
+def _target(repo: ModelRepository, req: _Target, labels: dict) -> tuple[Generator, str]:
+    served = task_model(repo, Generator, req.model, req.version)
+    backend = served.resolve_backend(req.backend or None)
+    labels.update(model=served.name, version=served.version, backend=backend)
+    return served, backend
+
+
+async def generate_images(
+    repo: ModelRepository, req: GenerateRequest, disconnected: Callable[[], Awaitable[bool]] | None = None
+) -> GenerateResponse:
+    """Sample digits (the ``/generate`` route and the ``generate`` tool both run this)."""
+    with observed() as labels:
+        served, backend = _target(repo, req, labels)
+        drawn = req.n * (req.oversample if req.filter_hallucinations else 1)
+        if drawn * req.steps > MAX_WORK:
+            raise InferenceError(
+                400,
+                f"n × steps{' × oversample' if req.filter_hallucinations else ''} = "
+                f"{drawn * req.steps:g} is over the per-request limit of {MAX_WORK}; "
+                "ask for fewer images or steps",
+            )
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        try:
+            images, scores = await served.generate(
+                n=req.n,
+                label=req.label,
+                steps=req.steps,
+                sampler=req.sampler,
+                seed=seed,
+                guidance=req.guidance,
+                eta=req.eta,
+                gamma=req.gamma,
+                backend=backend,
+                filter_hallucinations=req.filter_hallucinations,
+                oversample=req.oversample,
+                disconnected=disconnected,
+            )
+        except ClientGone:
+            raise InferenceError(499, "client closed the request") from None
+    return GenerateResponse(
+        images=[_png((img + 1.0) / 2.0) for img in images],
+        hallucination_scores=[float(s) for s in scores],
+        model=served.name,
+        version=served.version,
+        backend=backend,
+        sampler=req.sampler,
+        steps=req.steps,
+        seed=seed,
+        label=req.label,
+    )
+
+
 def router(repo: ModelRepository) -> APIRouter:
     api = APIRouter(tags=["generation"])
-
-    def _target(req: _Target, labels: dict) -> tuple[Generator, str]:
-        served = task_model(repo, Generator, req.model, req.version)
-        backend = served.resolve_backend(req.backend or None)
-        labels.update(model=served.name, version=served.version, backend=backend)
-        return served, backend
 
     @api.post("/generate", response_model=GenerateResponse)
     async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
         """Sample digits with a diffusion sampler; optionally filter hallucinations by oversampling."""
-        with observed() as labels:
-            served, backend = _target(req, labels)
-            drawn = req.n * (req.oversample if req.filter_hallucinations else 1)
-            if drawn * req.steps > MAX_WORK:
-                raise InferenceError(
-                    400,
-                    f"n × steps{' × oversample' if req.filter_hallucinations else ''} = "
-                    f"{drawn * req.steps:g} is over the per-request limit of {MAX_WORK}; "
-                    "ask for fewer images or steps",
-                )
-            seed = req.seed if req.seed is not None else secrets.randbits(63)
-            try:
-                images, scores = await served.generate(
-                    n=req.n,
-                    label=req.label,
-                    steps=req.steps,
-                    sampler=req.sampler,
-                    seed=seed,
-                    guidance=req.guidance,
-                    eta=req.eta,
-                    gamma=req.gamma,
-                    backend=backend,
-                    filter_hallucinations=req.filter_hallucinations,
-                    oversample=req.oversample,
-                    disconnected=request.is_disconnected,
-                )
-            except ClientGone:
-                raise InferenceError(499, "client closed the request") from None
-        return GenerateResponse(
-            images=[_png((img + 1.0) / 2.0) for img in images],
-            hallucination_scores=[float(s) for s in scores],
-            model=served.name,
-            version=served.version,
-            backend=backend,
-            sampler=req.sampler,
-            steps=req.steps,
-            seed=seed,
-            label=req.label,
-        )
+        return await generate_images(repo, req, request.is_disconnected)
 
     @api.post("/invert", response_model=InvertResponse)
     async def invert(req: InvertRequest) -> InvertResponse:
         """BDIA exact inversion: an image → the two latent states that /reconstruct turns back into it."""
         with observed() as labels:
-            served, backend = _target(req, labels)
+            served, backend = _target(repo, req, labels)
             amplification = (1.0 / req.gamma) ** (req.steps - 1)
             if amplification > MAX_INVERSION_AMPLIFICATION:
                 lowest = MAX_INVERSION_AMPLIFICATION ** (-1.0 / (req.steps - 1))
@@ -385,7 +394,7 @@ def router(repo: ModelRepository) -> APIRouter:
     async def reconstruct(req: ReconstructRequest) -> ReconstructResponse:
         """BDIA decode: the two latent states from /invert → the image (same label, steps, γ, guidance)."""
         with observed() as labels:
-            served, backend = _target(req, labels)
+            served, backend = _target(repo, req, labels)
             image = await served.reconstruct(
                 _state(req.latent, "latent", served.image_size),
                 _state(req.previous, "previous", served.image_size),
@@ -400,3 +409,20 @@ def router(repo: ModelRepository) -> APIRouter:
         )
 
     return api
+
+
+def tools(repo: ModelRepository) -> list[Tool]:
+    """The task's tools slot: ``/generate`` for the agent and MCP clients (same request model)."""
+
+    async def handler(req: GenerateRequest) -> GenerateResponse:
+        return await generate_images(repo, req)
+
+    return [
+        Tool(
+            name="generate",
+            description="Generate n 16×16 handwritten digit images (optionally of one class `label`) with "
+            "Kiln's diffusion model; returns base64 PNGs and a hallucination score per image.",
+            request_model=GenerateRequest,
+            handler=handler,
+        )
+    ]
