@@ -37,6 +37,7 @@ from kiln.market.bars import (
 )
 from kiln.market.features import last_window
 from serving import metrics
+from serving.agent.tools import Tool
 from serving.model import LoadedModel
 from serving.repository import InferenceError, ModelRepository
 from serving.routes import observed, task_model
@@ -188,33 +189,56 @@ def _pick(repo: ModelRepository, req: ForecastRequest, calendar: Calendar) -> Fo
     return fitting[0]
 
 
+async def forecast_series(repo: ModelRepository, req: ForecastRequest) -> ForecastResponse:
+    """Quantile forecasts of one series (the route and the ``forecast`` tool both run this)."""
+    with observed() as labels:
+        levels = sorted(set(req.quantiles))
+        bars, calendar = _decode(req)
+        served = _pick(repo, req, calendar)
+        backend = served.resolve_backend(req.backend or None)
+        labels.update(model=served.name, version=served.version, backend=backend)
+        served.check(req.horizon, levels)
+        if len(bars) < served.min_bars:
+            raise InferenceError(
+                400,
+                f"{len(bars)} bars given; {served.name} needs at least {served.min_bars} "
+                f"({served.min_bars - served.context} for the indicators' look-back + {served.context} "
+                "of context)",
+            )
+        stamps, median, quantiles = await served.forecast(bars, calendar, req.horizon, levels, backend)
+    return ForecastResponse(
+        timestamps=[_iso(t) for t in stamps],
+        close=[float(v) for v in median],
+        quantiles={f"{lv:g}": [float(v) for v in quantiles[lv]] for lv in levels},
+        model=served.name,
+        version=served.version,
+    )
+
+
 def router(repo: ModelRepository) -> APIRouter:
     api = APIRouter(tags=["forecasting"])
 
     @api.post("/forecast", response_model=ForecastResponse)
     async def forecast(req: ForecastRequest) -> ForecastResponse:
         """Quantile forecasts of the next closes of an OHLCV series."""
-        with observed() as labels:
-            levels = sorted(set(req.quantiles))
-            bars, calendar = _decode(req)
-            served = _pick(repo, req, calendar)
-            backend = served.resolve_backend(req.backend or None)
-            labels.update(model=served.name, version=served.version, backend=backend)
-            served.check(req.horizon, levels)
-            if len(bars) < served.min_bars:
-                raise InferenceError(
-                    400,
-                    f"{len(bars)} bars given; {served.name} needs at least {served.min_bars} "
-                    f"({served.min_bars - served.context} for the indicators' look-back + {served.context} "
-                    "of context)",
-                )
-            stamps, median, quantiles = await served.forecast(bars, calendar, req.horizon, levels, backend)
-        return ForecastResponse(
-            timestamps=[_iso(t) for t in stamps],
-            close=[float(v) for v in median],
-            quantiles={f"{lv:g}": [float(v) for v in quantiles[lv]] for lv in levels},
-            model=served.name,
-            version=served.version,
-        )
+        return await forecast_series(repo, req)
 
     return api
+
+
+def tools(repo: ModelRepository) -> list[Tool]:
+    """The task's tools slot: ``/forecast`` for the agent and MCP clients (same request model)."""
+
+    async def handler(req: ForecastRequest) -> ForecastResponse:
+        return await forecast_series(repo, req)
+
+    return [
+        Tool(
+            name="forecast",
+            description="Forecast the next closes of a price series with quantile intervals: OHLCV `bars` "
+            f"(oldest first, at least ~112) or a `dataset` the server holds ({', '.join(sorted(BUNDLED))}); "
+            "returns future timestamps, the median close path and the requested quantiles.",
+            request_model=ForecastRequest,
+            handler=handler,
+        )
+    ]

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from serving import tasks
+from serving.repository import ModelRepository
 from serving.tasks.forecasting import MAX_BARS, ForecastRequest
 
 
@@ -36,3 +38,9 @@ def test_request_limits():
     with pytest.raises(ValidationError, match="bars"):
         ForecastRequest(bars=[bar] * (MAX_BARS + 1))
     assert ForecastRequest(bars=[bar]).bars[0].volume == 0.0
+
+
+def test_forecast_is_a_tool_with_the_route_request_model():
+    found = {t.name: t for t in tasks.tools(ModelRepository())}
+    assert found["forecast"].request_model is ForecastRequest
+    assert found["forecast"].input_schema()["properties"]["horizon"]["minimum"] == 1
