@@ -61,7 +61,7 @@ class EmbeddingModel(Protocol):
     dim: int
 
     def how(self, space: str) -> str | None:
-        """"native", "subspace", "projection" for a space it can write, else None."""
+        """ "native", "subspace", "projection" for a space it can write, else None."""
 
     def space_dim(self, space: str) -> int: ...
 
@@ -159,7 +159,10 @@ class Galleries:
 
         async def later() -> None:
             await asyncio.sleep(RETIRE_AFTER_S)
-            if all(collection not in (s["collection"], s["backfill"].get("collection")) for s in self.states.values()):
+            if all(
+                collection not in (s["collection"], s["backfill"].get("collection"))
+                for s in self.states.values()
+            ):
                 await asyncio.to_thread(self.store.drop_collection, collection)
 
         asyncio.get_running_loop().create_task(later())
@@ -181,7 +184,8 @@ class Galleries:
                 if model_name in (state["model"], first):
                     return state, False
                 raise InferenceError(
-                    409, f"gallery {name!r} exists, created with model {first!r}; delete it or pick another name"
+                    409,
+                    f"gallery {name!r} exists, created with model {first!r}; delete it or pick another name",
                 )
             collection = _collection(name, 1)
             await asyncio.to_thread(self.store.create_collection, collection, {model.space: model.dim})
@@ -350,7 +354,9 @@ class Galleries:
             vec = np.asarray(value, dtype=np.float32)
             if vec.shape != (dim,):
                 raise InferenceError(
-                    400, f"query vector has {vec.size} dims; gallery {name!r} searches space {space!r} ({dim} dims)"
+                    400,
+                    f"query vector has {vec.size} dims; gallery {name!r} searches space {space!r} "
+                    f"({dim} dims)",
                 )
             norm = float(np.linalg.norm(vec))
             if not np.isfinite(norm) or norm == 0:
@@ -398,7 +404,9 @@ class Galleries:
                 "space": space,
                 "how": how,
                 "history": [*state["history"], {k: state[k] for k in ("model", "space", "how")}],
-                "backfill": {"status": "none"} if how == "native" else {"status": "pending", "model": model.name},
+                "backfill": {"status": "none"}
+                if how == "native"
+                else {"status": "pending", "model": model.name},
             }
             await self._save(name, new)
             return new
@@ -445,9 +453,7 @@ class Galleries:
                 )
             kinds = {"image", "text"} - set(model.modality.split("+"))
             for kind in sorted(kinds):
-                n = await asyncio.to_thread(
-                    self.store.count_where, state["collection"], f'kind == "{kind}"'
-                )
+                n = await asyncio.to_thread(self.store.count_where, state["collection"], f'kind == "{kind}"')
                 if n:
                     raise InferenceError(
                         409,
@@ -455,13 +461,12 @@ class Galleries:
                         f"{kind} items: it can query the gallery through {state['space']!r} but cannot "
                         "backfill it",
                     )
-            n_vec = await asyncio.to_thread(
-                self.store.count_where, state["collection"], 'kind == "vector"'
-            )
+            n_vec = await asyncio.to_thread(self.store.count_where, state["collection"], 'kind == "vector"')
             if n_vec:
                 raise InferenceError(
                     409,
-                    f"gallery {name!r} has {n_vec} items given as vectors, with no image or text to re-embed; "
+                    f"gallery {name!r} has {n_vec} items given as vectors, with no image or text to "
+                    "re-embed; "
                     "upsert them again with `image` or `text` first",
                 )
             generation = state["generation"] + 1
@@ -544,7 +549,9 @@ class Galleries:
                     else:
                         new_vecs = await self._reembed(model, rows)
                     if rows:
-                        out = [{**r, field_for(model.space): new_vecs[i].tolist()} for i, r in enumerate(rows)]
+                        out = [
+                            {**r, field_for(model.space): new_vecs[i].tolist()} for i, r in enumerate(rows)
+                        ]
                         await asyncio.to_thread(self.store.upsert, target, out)
                     done += len(chunk)
                     bf = {
@@ -591,7 +598,9 @@ class Galleries:
                 asyncio.to_thread(self.store.count, bf["collection"]),
             )
             if n_old != n_new:  # cannot happen while every write goes to both; refuse rather than lose items
-                raise RuntimeError(f"backfill of {name!r} ended with {n_new} items in the new space, {n_old} in the old")
+                raise RuntimeError(
+                    f"backfill of {name!r} ended with {n_new} items in the new space, {n_old} in the old"
+                )
             old = state["collection"]
             new = {
                 **state,
