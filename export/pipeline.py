@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from export.classification import ClassifierExport
 from export.diffusion import DiffusionExport
+from export.embedding import EmbeddingExport
 from export.onnx import export_onnx, max_abs_diff
 from export.quantize import QUANTIZERS, CalibrationReader, get_quantizer
 from kiln.accelerators import tensorrt_status
@@ -58,7 +59,9 @@ class ExportSpec(Protocol):
         """The task's quality metrics of one exported ONNX graph (e.g. ``test_accuracy``)."""
 
 
-SPECS: dict[str, type[ExportSpec]] = {cls.task: cls for cls in (ClassifierExport, DiffusionExport)}
+SPECS: dict[str, type[ExportSpec]] = {
+    cls.task: cls for cls in (ClassifierExport, DiffusionExport, EmbeddingExport)
+}
 
 
 def spec_for(art: Artifact) -> ExportSpec:
