@@ -4,8 +4,10 @@ What the ONNX graph is depends on the artifact's ``embedding.modality``:
 
 * ``image`` / ``image+text`` — ``images`` (N, 1, 16, 16) in [0, 1] → ``embedding`` (N, dim), L2-normalised
   (for the dual encoder, its image tower; its word-level text tower runs in PyTorch).
-* ``text`` (XBT new text model) — the projection: MiniLM's native ``embedding`` (N, 384) →
-  ``embedding_<old space>``. MiniLM itself (tokenizer + transformer) runs in PyTorch.
+* ``text`` (XBT new text model) — everything after MiniLM: ``native`` (N, 384) MiniLM sentence embeddings
+  → ``embedding`` (N, 384) and ``embedding_<old space>`` (the XBT projection). MiniLM itself (tokenizer +
+  transformer) runs in PyTorch; the served text model's inputs are strings (manifest ``inputs``), the
+  graph's are in ``graph_inputs``.
 
 Parity inputs: 64 validation-split images (or MiniLM embeddings of 64 validation captions).
 Calibration: 256 training-split images (or training captions).
@@ -39,12 +41,15 @@ class QualityGateError(Exception):
     """An fp32 graph retrieves worse than its PyTorch model."""
 
 
-def onnx_embed(graph: Path | str, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Run an embedding graph's first input → first output under onnxruntime (CPU)."""
+def onnx_embed(
+    graph: Path | str, inputs: np.ndarray, output: str | None = None, batch_size: int = 256
+) -> np.ndarray:
+    """Run an embedding graph's (only) input → ``output`` (default: the first) under onnxruntime (CPU)."""
     sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
+    outputs = [output] if output else None
     return np.concatenate(
-        [sess.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+        [sess.run(outputs, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
     )
 
 
@@ -88,7 +93,7 @@ class EmbeddingExport:
         return self._images(art, split)[0][:n]
 
     def _input_name(self, art: Artifact) -> str:
-        return art.manifest["inputs"][0]["name"]
+        return art.manifest.get("graph_inputs", art.manifest["inputs"])[0]["name"]
 
     def example_inputs(self, art: Artifact) -> dict[str, np.ndarray]:
         return {self._input_name(art): self._rows(art, "val", 2)}
@@ -172,7 +177,11 @@ class EmbeddingExport:
         for split in ("val", "test"):
             xg, yg = self._images(old_art, split)
             texts, yq = eval_queries(split)
-            q = onnx_embed(graph, model.embed_native(texts).numpy())
+            q = onnx_embed(
+                graph,
+                model.embed_native(texts).numpy(),
+                f"embedding_{old_art.manifest['embedding']['space']}",
+            )
             with torch.no_grad():
                 g = old(torch.from_numpy(xg)).numpy()
             out[f"{split}_top1"] = round(retrieval_metrics(q, yq, g, yg)["top1"], 2)

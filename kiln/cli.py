@@ -269,7 +269,8 @@ def bench(
         str,
         typer.Argument(
             help="Benchmark suite: vit (attention, runtimes, serving) or diffusion (samplers, PTQ4DM int8, "
-            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing)."
+            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing) or retrieval "
+            "(BCT/BT²/OCA compatibility tables, XBT recall, gallery upgrade cost and search latency)."
         ),
     ] = "vit",
     quick: Annotated[
@@ -278,7 +279,7 @@ def bench(
     output: Annotated[str, typer.Option(help="Markdown file to update.")] = "BENCHMARKS.md",
 ) -> None:
     """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""
-    suites = ("vit", "diffusion")
+    suites = ("vit", "diffusion", "retrieval")
     if suite not in suites:
         _fail(f"unknown benchmark suite {suite!r}; valid: {', '.join(suites)}")
     import importlib

@@ -188,13 +188,16 @@ class MiniLMTextEncoder(nn.Module):
         )
         return out.float().cpu()
 
-    def forward(self, native: torch.Tensor) -> torch.Tensor:
-        """Native MiniLM embeddings → the old space (L2-normalised)."""
-        return self.projection(native)
+    def forward(self, native: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MiniLM embeddings ``(N, 384)`` → (``embedding``, ``embedding_<old_space>``), both L2-normalised.
+
+        The exported graph: MiniLM itself (tokenizer + transformer) runs in PyTorch before it.
+        """
+        return F.normalize(native, dim=-1), self.projection(native)
 
     def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        native = self.embed_native(texts)
-        return {"embedding": native, f"embedding_{self.old_space}": self.projection(native)}
+        native, projected = self(self.embed_native(texts))
+        return {"embedding": native, f"embedding_{self.old_space}": projected}
 
 
 @register_model

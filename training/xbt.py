@@ -183,7 +183,7 @@ def _projection_epochs(
         running = 0.0
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            p = model(native[idx])
+            p = model.projection(native[idx])
             loss = (1 - F.cosine_similarity(p, targets["text"][idx], dim=-1)).mean()
             if "image" in targets:
                 loss = loss + contrastive_loss(p, targets["image"][idx], labels[idx], scale)
@@ -245,7 +245,9 @@ def _train_projection(name: str, recipe: XBTRecipe, *, epochs: int, seed: int, p
                 "new/old (no projection)": _recall(
                     to_space(q_native.numpy(), old_dim), yq, *galleries[split][:2]
                 ),
-                "new/old (text-only projection)": _recall(model(q_native).numpy(), yq, *galleries[split][:2]),
+                "new/old (text-only projection)": _recall(
+                    model.projection(q_native).numpy(), yq, *galleries[split][:2]
+                ),
             }
 
     # stage 2: a small set of image–text pairs; the old image tower gives the targets
@@ -273,7 +275,7 @@ def _train_projection(name: str, recipe: XBTRecipe, *, epochs: int, seed: int, p
     metrics: dict[str, float] = {"train_seconds": round(seconds, 1)}
     for split, (g, yg, q_native, yq) in galleries.items():
         with torch.no_grad():
-            evals[split]["new/old (projection)"] = _recall(model(q_native).numpy(), yq, g, yg)
+            evals[split]["new/old (projection)"] = _recall(model.projection(q_native).numpy(), yq, g, yg)
         for case, m in evals[split].items():
             key = (
                 case.replace("/", "_").replace(" (", "_").replace(")", "").replace(" ", "_").replace("-", "_")
@@ -307,9 +309,13 @@ def _train_projection(name: str, recipe: XBTRecipe, *, epochs: int, seed: int, p
                 "pooling": "mean, L2-normalised",
             },
         },
-        # the ONNX graph is the projection: MiniLM's native embedding in, the old-space embedding out
-        "inputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, MINILM_DIM]}],
-        "outputs": [{"name": out_name, "datatype": "FP32", "shape": [-1, old_dim]}],
+        # served: strings in, both embeddings out; the ONNX graph (export.embedding) starts after MiniLM
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+        "graph_inputs": [{"name": "native", "datatype": "FP32", "shape": [-1, MINILM_DIM]}],
+        "outputs": [
+            {"name": "embedding", "datatype": "FP32", "shape": [-1, MINILM_DIM]},
+            {"name": out_name, "datatype": "FP32", "shape": [-1, old_dim]},
+        ],
         "metrics": {**metrics, "parameters": sum(p.numel() for p in model.parameters())},
         "evaluation": evals,
         "training": training_block(
