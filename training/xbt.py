@@ -337,8 +337,9 @@ TINY_RECIPES: dict[str, XBTRecipe] = {
     "tiny-xbt-old": XBTRecipe(
         architecture="xbt_dual_small",
         stage="dual",
-        epochs=3,
-        model_args={"widths": (4, 8), "embed_dim": 16, "text_width": 16},
+        epochs=6,
+        lr=4e-3,
+        model_args={"widths": (8, 16), "embed_dim": 16, "text_width": 32},
     ),
     "tiny-xbt-new-text": XBTRecipe(
         architecture="xbt_minilm_text",
