@@ -67,6 +67,14 @@ class EmbeddingExport:
     default_formats = ("onnx", "int8-static")
     int8_format = "int8-static"
 
+    def __init__(self) -> None:
+        self._models: dict[str, torch.nn.Module] = {}  # one PyTorch load (MiniLM: seconds) per export run
+
+    def _model(self, art: Artifact) -> torch.nn.Module:
+        if art.tag not in self._models:
+            self._models[art.tag] = load_torch_model(art)
+        return self._models[art.tag]
+
     # -- inputs ----------------------------------------------------------------------------------
 
     @staticmethod
@@ -79,13 +87,12 @@ class EmbeddingExport:
 
         return split_inputs(split, tuple(art.manifest["preprocess"]["size"]))
 
-    @staticmethod
-    def _caption_embeddings(art: Artifact, split: str, n: int) -> np.ndarray:
+    def _caption_embeddings(self, art: Artifact, split: str, n: int) -> np.ndarray:
         from training.captions import captions
 
         rng = np.random.default_rng({"train": 0, "val": 1}[split])
         texts = captions(rng.integers(0, 10, size=n), seed={"train": 10, "val": 11}[split])
-        return load_torch_model(art).embed_native(texts).numpy()
+        return self._model(art).embed_native(texts).numpy()
 
     def _rows(self, art: Artifact, split: str, n: int) -> np.ndarray:
         if self._is_text(art):
@@ -131,7 +138,7 @@ class EmbeddingExport:
 
         size = tuple(art.manifest["preprocess"]["size"])
         old_art = _old_artifact(art)
-        old = load_torch_model(old_art) if old_art is not None else None
+        old = self._model(old_art) if old_art is not None else None
         dims = old_art.manifest["embedding"]["dim"] if old_art is not None else None
         out: dict[str, Any] = {}
         for split in ("val", "test"):
@@ -154,7 +161,7 @@ class EmbeddingExport:
         from training.retrieval import retrieval_metrics
         from training.xbt import eval_queries
 
-        model = load_torch_model(art)
+        model = self._model(art)
         out: dict[str, Any] = {}
         for split in ("val", "test"):
             xg, yg = self._images(art, split)
@@ -171,8 +178,8 @@ class EmbeddingExport:
         from training.xbt import eval_queries
 
         old_art = _old_artifact(art)
-        old = load_torch_model(old_art)
-        model = load_torch_model(art)
+        old = self._model(old_art)
+        model = self._model(art)
         out: dict[str, Any] = {}
         for split in ("val", "test"):
             xg, yg = self._images(old_art, split)

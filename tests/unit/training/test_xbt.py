@@ -91,3 +91,14 @@ def test_text_model_contract(trained):
     with torch.inference_mode():
         out = model.encode_text(["the digit 3", "a messy eight"])
     assert out["embedding"].shape == (2, 384) and out["embedding_tiny-xbt-old"].shape == (2, 16)
+
+
+def test_text_model_exports_the_projection_graph(trained):
+    """The graph after MiniLM: parity with PyTorch and the recall@1 gate on the projected output."""
+    from export.pipeline import export_artifact
+
+    art = export_artifact(trained["tiny-xbt-new-text"].tag, ["onnx"], progress=False)
+    entry = art.export("onnx")
+    assert entry["max_abs_diff"] < 1e-4 and entry["parity_inputs"].endswith("validation captions")
+    assert entry["quality_gate"] == "passed"
+    assert entry["val_top1"] == pytest.approx(art.manifest["metrics"]["val_new_old_projection_r1"], abs=0.01)
