@@ -258,7 +258,7 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         f"torch {m['torch']}; raw figures in `{json_path}`.",
         "",
         "Digits (sklearn, 8×8 upsampled to 16×16); old model `embed-old` (small CNN, 32-d) trained on "
-        "digits 0-4 only, new models (wider CNN) on all ten; BT² and OCA embed in 32 compatible + 16 extra "
+        "digits 0-4 only, new models (wider CNN) on all ten; BT² and OCA embed in 32 compatible + 32 extra "
         "dimensions, BCT in 32. Test split divided once into "
         f"{c['queries']} queries / {c['gallery']} gallery images, cosine retrieval over all ten classes "
         f"(chance top-1 {c['chance_top1']:.1f}%). new/old: new-model queries (first 32 coordinates, "

@@ -192,7 +192,7 @@ def embed_cnn_small(
 
 @register_model
 def embed_cnn_base(
-    widths: tuple[int, ...] = (16, 32, 64), embed_dim: int = 48, num_classes: int = 10, compat_dim: int = 0
+    widths: tuple[int, ...] = (16, 32, 64), embed_dim: int = 64, num_classes: int = 10, compat_dim: int = 0
 ) -> EmbeddingNet:
     """The new backbone with a plain head (independent training, or BCT with ``embed_dim`` = old dim)."""
     return EmbeddingNet(widths, embed_dim, num_classes, compat_dim)
@@ -201,7 +201,7 @@ def embed_cnn_base(
 @register_model
 def embed_bt2_cnn_base(
     widths: tuple[int, ...] = (16, 32, 64),
-    embed_dim: int = 48,
+    embed_dim: int = 64,
     num_classes: int = 10,
     compat_dim: int = 32,
     orthogonal_param: bool = True,
@@ -213,7 +213,7 @@ def embed_bt2_cnn_base(
 @register_model
 def embed_oca_cnn_base(
     widths: tuple[int, ...] = (16, 32, 64),
-    embed_dim: int = 48,
+    embed_dim: int = 64,
     num_classes: int = 10,
     compat_dim: int = 32,
     orthogonal_param: bool = True,

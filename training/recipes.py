@@ -159,27 +159,27 @@ RECIPES: dict[str, Recipe] = {
     "embed-new-independent": EmbeddingRecipe(
         architecture="embed_cnn_base",
         method="independent",
-        description="Retrieval: new image embedding model trained independently (48-d, all digits)",
+        description="Retrieval: new image embedding model trained independently (64-d, all digits)",
     ),
     "embed-new-bct": EmbeddingRecipe(
         architecture="embed_cnn_base",
         model_args={"embed_dim": 32, "compat_dim": 32},
         method="bct",
-        old_model="embed-old",
+        old_model="embed-old",  # requires=("embed-old",) once main's Recipe.requires is merged
         description="Retrieval: BCT new model (influence loss through the old classifier, 32-d)",
     ),
     "embed-new-bt2": EmbeddingRecipe(
         architecture="embed_bt2_cnn_base",
         method="bt2",
         old_model="embed-old",
-        reference_model="embed-new-independent",
-        description="Retrieval: BT² new model (32 compatible + 16 extra dims, orthogonal basis transform)",
+        reference_model="embed-new-independent",  # requires both once Recipe.requires is merged
+        description="Retrieval: BT² new model (32 compatible + 32 extra dims, orthogonal basis transform)",
     ),
     "embed-new-oca": EmbeddingRecipe(
         architecture="embed_oca_cnn_base",
         method="oca",
-        old_model="embed-old",
-        description="Retrieval: OCA new model (32 compatible + 16 extra dims, orthogonal layer, prototypes)",
+        old_model="embed-old",  # requires=("embed-old",) once main's Recipe.requires is merged
+        description="Retrieval: OCA new model (32 compatible + 32 extra dims, orthogonal layer, prototypes)",
     ),
     "xbt-old": XBTRecipe(
         architecture="xbt_dual_small",
@@ -189,7 +189,7 @@ RECIPES: dict[str, Recipe] = {
     "xbt-new-text": XBTRecipe(
         architecture="xbt_minilm_text",
         stage="projection",
-        old_model="xbt-old",
+        old_model="xbt-old",  # requires=("xbt-old",) once main's Recipe.requires is merged
         epochs=40,
         description="XBT: frozen all-MiniLM-L6-v2 + projection into xbt-old's space (text, then pairs)",
     ),
