@@ -35,6 +35,10 @@ from kiln.artifacts import Artifact, get_artifact, load_torch_model
 PARITY_SAMPLES = 64
 CALIBRATION_SAMPLES = 256
 QUALITY_TOLERANCE = 1.0  # points of top-1 / recall@1 an exported graph may lose against PyTorch
+# The gate in the shape of export.gates.QualityGate (branch ops): once merged, the spec declares
+# ``quality_gates = (QualityGate(*GATE),)`` (metric in percent, so max_loss is in points) and the
+# family-specific "quality_gate" field below goes.
+GATE = ("val_top1", QUALITY_TOLERANCE)
 
 
 class QualityGateError(Exception):
