@@ -17,6 +17,9 @@ queries (no backfill):
 The evaluation (:func:`compatibility_table`) follows BT²: a fixed query/gallery split of the test
 images; top-1, top-5 and mAP of cosine retrieval for old/old, new/old (new queries vs old gallery) and
 new/new. Choices are made on the validation split; the test split is only reported.
+
+The artifact holds the final weights (Adam, cosine decay to 0, as BT²) with BT²'s and OCA's orthogonal
+layers baked into plain linear layers (``orthogonal_param=False``), so the served graph is plain MatMuls.
 """
 
 from __future__ import annotations
