@@ -108,6 +108,9 @@ class Galleries:
         self._tasks: dict[str, asyncio.Task] = {}
         for name, state in self.states.items():
             self._drop_orphans(name, state)
+            for coll in (state["collection"], state["backfill"].get("collection")):
+                if coll:
+                    store.load(coll)
             self._publish(name)
 
     # --- lifecycle -------------------------------------------------------------------------------

@@ -169,6 +169,10 @@ class MilvusStore:
             index.add_index(field_for(space), index_type="FLAT", metric_type="IP")
         self.client.create_collection(collection, schema=schema, index_params=index)
 
+    def load(self, collection: str) -> None:
+        """Load a collection for search (collections are released when the process that opened them ends)."""
+        self.client.load_collection(collection)
+
     def drop_collection(self, collection: str) -> None:
         if self.client.has_collection(collection):
             self.client.drop_collection(collection)

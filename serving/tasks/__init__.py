@@ -15,12 +15,13 @@ from kiln.artifacts import Artifact
 from serving.config import ServeConfig
 from serving.model import LoadedModel
 from serving.repository import ModelRepository
-from serving.tasks import classification, generation
+from serving.tasks import classification, embedding, generation
 
 # task name → (served model class, router factory)
 TASKS: dict[str, tuple[type[LoadedModel], Callable[[ModelRepository], APIRouter]]] = {
     classification.Classifier.task: (classification.Classifier, classification.router),
     generation.Generator.task: (generation.Generator, generation.router),
+    embedding.Embedder.task: (embedding.Embedder, embedding.router),
 }
 
 
