@@ -88,7 +88,7 @@ def export_cmd(
 def serve(
     models: Annotated[
         str, typer.Option(envvar="KILN_MODELS", help="Comma-separated model names or NAME:VERSION tags.")
-    ] = "vit-soft,vit-softmax,diffusion-digits",
+    ] = "vit-soft,vit-softmax,diffusion-digits,embed-old,embed-new-oca,xbt-old,xbt-new-text",
     backend: Annotated[
         str,
         typer.Option(

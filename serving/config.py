@@ -52,7 +52,10 @@ class ServeConfig:
     def from_env(cls) -> ServeConfig:
         models = tuple(
             m.strip()
-            for m in os.environ.get("KILN_MODELS", "vit-soft,vit-softmax,diffusion-digits").split(",")
+            for m in os.environ.get(
+                "KILN_MODELS",
+                "vit-soft,vit-softmax,diffusion-digits,embed-old,embed-new-oca,xbt-old,xbt-new-text",
+            ).split(",")
             if m.strip()
         )
         if not models:

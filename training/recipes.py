@@ -195,7 +195,15 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 
-DEFAULT_MODELS = ("vit-soft", "vit-softmax", "diffusion-digits")  # what `make serve` trains and serves
+DEFAULT_MODELS = (  # what `make serve` trains and serves
+    "vit-soft",
+    "vit-softmax",
+    "diffusion-digits",
+    "embed-old",
+    "embed-new-oca",  # after its old model: compatible with the embed-old it finds in the store
+    "xbt-old",
+    "xbt-new-text",
+)
 
 
 def get_recipe(name: str) -> Recipe:

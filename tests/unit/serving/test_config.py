@@ -13,7 +13,15 @@ def test_defaults(monkeypatch):
     ):
         monkeypatch.delenv(k, raising=False)
     cfg = ServeConfig.from_env()
-    assert cfg.models == ("vit-soft", "vit-softmax", "diffusion-digits")
+    assert cfg.models == (
+        "vit-soft",
+        "vit-softmax",
+        "diffusion-digits",
+        "embed-old",
+        "embed-new-oca",
+        "xbt-old",
+        "xbt-new-text",
+    )
     assert cfg.backend == "onnxruntime" and cfg.http_port == 3000 and cfg.generation_batching == "step"
 
 
