@@ -92,7 +92,7 @@ def run_compatibility(arts: dict[str, Any]) -> dict[str, Any]:
                 "old_model": base.tag,
                 "old/old": retrieval_metrics(bq, yq, bg, yg),
                 "new/old": retrieval_metrics(to_space(nq, dims), yq, bg, yg),
-                "new/new": retrieval_metrics(ng, yq, ng, yg),
+                "new/new": retrieval_metrics(nq, yq, ng, yg),
                 "train_seconds": art.manifest["metrics"].get("train_seconds"),
                 "dim": art.manifest["embedding"]["dim"],
             }
@@ -204,7 +204,19 @@ def targets(compat: dict[str, Any], xbt: dict[str, Any]) -> list[dict[str, Any]]
 
 
 def run(quick: bool, output: str, command: str) -> dict[str, Any]:
-    """Run the suite (and retrieval-gallery's sections), write the JSON and the markdown section."""
+    """Run the suite: the model sections here, then retrieval-gallery's (upgrade cost, search latency)."""
+    results = run_models(quick, output, command)
+    if importlib.util.find_spec("benchmarks.retrieval_gallery") is None:
+        print("retrieval-gallery sections: benchmarks/retrieval_gallery.py is not present; not run")
+    else:
+        importlib.import_module("benchmarks.retrieval_gallery").run(
+            quick=quick, output=output, command=command
+        )
+    return results
+
+
+def run_models(quick: bool, output: str, command: str) -> dict[str, Any]:
+    """The compatibility and XBT sections: write the JSON and the ``retrieval`` markdown section."""
     from kiln.settings import kiln_home
 
     print(f"kiln bench retrieval{' --quick' if quick else ''}: store {kiln_home()}")
@@ -226,13 +238,15 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - t0,
     }
     write_results(results, "retrieval", output, quick, RECORD, markdown)
-    if importlib.util.find_spec("benchmarks.retrieval_gallery") is None:
-        print("retrieval-gallery sections: benchmarks/retrieval_gallery.py is not present; not run")
-    else:
-        importlib.import_module("benchmarks.retrieval_gallery").run(
-            quick=quick, output=output, command=command
-        )
     return results
+
+
+def _display_path(path: Path) -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def markdown(results: dict[str, Any], json_path: Path) -> str:
@@ -254,8 +268,9 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
     lines = [
         "## Retrieval: backward-compatible embeddings (BCT, BT², OCA) and XBT",
         "",
-        f"Command: `{results['command']}` — {m['date']}, {m['cpu']}, {m['usable_cores']} cores, "
-        f"torch {m['torch']}; raw figures in `{json_path}`.",
+        f"Command: `{results['command']}` — {m['date']}, {m['cpu']}, {m['usable_cores']} cores "
+        f"(load average {m.get('load_average_1m_at_start', '-')} at the start), torch {m['torch']}; "
+        f"raw figures in `{_display_path(json_path)}`.",
         "",
         "Digits (sklearn, 8×8 upsampled to 16×16); old model `embed-old` (small CNN, 32-d) trained on "
         "digits 0-4 only, new models (wider CNN) on all ten; BT² and OCA embed in 32 compatible + 32 extra "
@@ -267,9 +282,8 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         "",
         markdown_table(headers, rows),
         "",
-        f"Training time (2-core CPU, shared): old {fmt(c['old_train_seconds'], 0)} s; "
-        + ", ".join(seconds)
-        + ".",
+        "Training seconds from each artifact (2-core CPU shared with other jobs, so upper bounds): "
+        f"old {fmt(c['old_train_seconds'], 0)} s; " + ", ".join(seconds) + ".",
         "",
         "### XBT: new text encoder against the old image gallery",
         "",
