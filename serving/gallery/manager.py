@@ -529,31 +529,30 @@ class Galleries:
         done, total = len(ids) - len(todo), len(ids)
         started = time.perf_counter() - bf.get("seconds", 0.0)
         batch = int(bf.get("batch_size", 256))
-        embedded = None
         if bf.get("engine") == "ray":
             from serving.gallery.ray_backfill import embedded_batches
 
-            embedded = embedded_batches(self.store, source_coll, todo, model, batch, self.ray_address)
+            batches = embedded_batches(self.store, source_coll, todo, model, batch, self.ray_address)
+        else:
+            batches = ((todo[i : i + batch], None) for i in range(0, len(todo), batch))
         try:
-            for start in range(0, len(todo), batch):
-                chunk = todo[start : start + batch]
-                ray_vectors = await asyncio.to_thread(next, embedded) if embedded is not None else None
+            while (item := await asyncio.to_thread(next, batches, None)) is not None:
+                chunk, embedded = item
                 async with self._lock(name):
                     state = self.state(name)
                     if state["backfill"].get("status") != "running":
                         return  # rolled back meanwhile
                     rows = await asyncio.to_thread(self.store.get, source_coll, chunk, fields)
-                    if ray_vectors is not None:
-                        ray_ids, vecs = ray_vectors
-                        by_id = dict(zip(ray_ids, vecs, strict=True))
+                    if embedded is not None:  # Ray's vectors, with the source each was embedded from
                         # a row upserted since Ray read it was written to both generations already
-                        rows = [r for r in rows if r["id"] in by_id]
-                        new_vecs = np.stack([by_id[r["id"]] for r in rows]) if rows else None
+                        rows = [r for r in rows if embedded.get(r["id"], (None,))[0] == r["source"]]
+                        new_vecs = [embedded[r["id"]][1] for r in rows]
                     else:
                         new_vecs = await self._reembed(model, rows)
                     if rows:
                         out = [
-                            {**r, field_for(model.space): new_vecs[i].tolist()} for i, r in enumerate(rows)
+                            {**r, field_for(model.space): np.asarray(new_vecs[i]).tolist()}
+                            for i, r in enumerate(rows)
                         ]
                         await asyncio.to_thread(self.store.upsert, target, out)
                     done += len(chunk)

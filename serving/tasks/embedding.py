@@ -59,6 +59,22 @@ def _normalize(z: np.ndarray) -> np.ndarray:
     return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
 
+def to_space(outputs: dict[str, np.ndarray], how: str, space: str, dims: int) -> np.ndarray:
+    """Model outputs → L2-normalised vectors in ``space``, written ``how`` (native, subspace, projection)."""
+    if how == "native":
+        z = outputs["embedding"]
+    elif how == "subspace":
+        # BCT/BT²/OCA: the compatible part is the first d_old coordinates (BT² §3: φ_new = [φ_c; φ_extra])
+        z = outputs["embedding"][:, :dims]
+    elif how == "projection":
+        z = outputs[f"embedding_{space}"]  # XBT: the projection head's output, already in the old space
+    else:
+        raise ValueError(
+            f"unknown compatibility {how!r} for space {space!r}; valid: native, subspace, projection"
+        )
+    return _normalize(z)
+
+
 class TextRuntime:
     """Runs an artifact's text tower: ``model.encode_text(list[str])`` → {output name: (N, d)}."""
 
@@ -171,17 +187,7 @@ class Embedder(LoadedModel):
             out = await self.text_batcher.submit({"text": np.array(values, dtype=object)})
         else:
             raise ValueError(f"unknown input kind {kind!r}; valid: image, text")
-        how = self.how(space)
-        if how == "native":
-            z = out["embedding"]
-        elif how == "subspace":
-            # BCT/BT²/OCA: the compatible part is the first d_old coordinates (BT² §3: φ_new = [φ_c; φ_extra])
-            z = out["embedding"][:, : self.space_dim(space)]
-        elif how == "projection":
-            z = out[f"embedding_{space}"]  # XBT: the projection head's output, already in the old space
-        else:
-            raise ValueError(f"{self.name}: unknown compatibility {how!r} for space {space!r}")
-        return _normalize(z)
+        return to_space(out, self.how(space), space, self.space_dim(space))
 
     def describe(self) -> dict:
         return {

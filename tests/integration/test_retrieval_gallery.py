@@ -111,8 +111,12 @@ class Retrieval:
 
 
 @pytest.fixture(scope="module")
-def retrieval(kiln_home, tmp_path_factory):
+def tiny_models():
     _train_and_export()
+
+
+@pytest.fixture(scope="module")
+def retrieval(kiln_home, tmp_path_factory, tiny_models):
     r = Retrieval(kiln_home, tmp_path_factory.mktemp("milvus") / "galleries.db")
     r.start()
     yield r
@@ -355,3 +359,53 @@ def test_acked_upsert_and_backfill_survive_kill9(retrieval):
     ids = [h["id"] for h in everything]
     assert len(ids) == len(set(ids)) == 161  # resumed without duplicates
     assert retrieval.get("/galleries/demo").json()["spaces"] == {OLD: 100}  # created once, not again
+
+
+def test_ray_data_backfill_on_a_local_ray_instance(tiny_models, tmp_path):
+    """The same backfill as a Ray Data job (map_batches with the new model; the driver writes to Milvus)."""
+    ray = pytest.importorskip("ray", reason="the optional [ray] extra is not installed")
+    import asyncio
+
+    from kiln.artifacts import get_artifact
+    from serving.config import ServeConfig
+    from serving.gallery.manager import Galleries, Item
+    from serving.gallery.store import MilvusStore
+    from serving.tasks.embedding import Embedder
+
+    config = ServeConfig.from_env()
+    models = {n: Embedder(get_artifact(n), config) for n in (OLD, NEW)}
+    images, labels = _digits(48, offset=1200)
+
+    async def scenario():
+        store = MilvusStore(str(tmp_path / "ray.db"))
+        g = Galleries(store, models.__getitem__, ray_address="local")
+        await g.create("r", OLD)
+        await g.upsert(
+            "r",
+            [
+                Item(f"r{i:02d}", "image", img, {"label": int(y)})
+                for i, (img, y) in enumerate(zip(images, labels, strict=True))
+            ],
+        )
+        await g.upgrade("r", NEW)
+        state = await g.start_backfill("r", batch_size=16)
+        assert state["backfill"]["engine"] == "ray"
+        await g.wait_backfill("r")
+        d = g.describe("r")
+        assert d["backfill"]["status"] == "complete" and d["spaces"] == {OLD: 48, NEW: 48}, d
+        assert d["backfill"]["reembedded"] == 48
+        # Ray's vectors are the served model's: an item's own native embedding finds it, score 1
+        query = await models[NEW].embed("image", [images[5]])
+        hits, answered = await g.search("r", "vector", query[0], 1)
+        assert answered["space"] == NEW and hits[0]["id"] == "r05" and hits[0]["score"] > 0.999
+        await g.close()
+        store.close()
+
+    os.environ["KILN_RAY_ACTORS"] = "1"  # one model replica: two cores here
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.environ.pop("KILN_RAY_ACTORS")
+        ray.shutdown()
+        for m in models.values():
+            m.close()
