@@ -31,7 +31,9 @@ def train(
         str,
         typer.Argument(
             help="Recipe to train: vit-soft, vit-soft-norm, vit-softmax (classifiers), "
-            "diffusion-digits (class-conditional diffusion)."
+            "diffusion-digits (class-conditional diffusion), embed-old, embed-new-independent, "
+            "embed-new-bct, embed-new-bt2, embed-new-oca (retrieval; a compatible model trains its old one "
+            "first if missing), xbt-old, xbt-new-text (XBT image–text)."
         ),
     ],
     epochs: Annotated[int | None, typer.Option(min=1, help="Override the recipe's epoch count.")] = None,
@@ -40,7 +42,7 @@ def train(
         bool, typer.Option("--export/--no-export", help="Export ONNX + int8 afterwards.")
     ] = False,
 ) -> None:
-    """Train a model on bundled data and save it to the model store (best-on-validation weights)."""
+    """Train a model on bundled data and save it to the model store."""
     from training.recipes import RECIPES
     from training.trainer import train as run_training
 
