@@ -15,9 +15,16 @@ answer, so a restart resumes: a backfill that was running continues from its cur
 last flushed batch; ids are processed in sorted order and written by upsert, so a batch redone after a
 kill -9 adds no duplicates).
 
-One process owns the galleries: writes to a gallery are serialised by an asyncio lock, blocking Milvus
-calls run in worker threads. Milvus Lite allows one process per file, so with several server workers the
-gallery routes need a Milvus server (``KILN_MILVUS_URI``); see the README for scaling on standalone.
+Within a process, writes to a gallery are serialised by an asyncio lock and blocking Milvus calls run in
+worker threads. Milvus Lite allows one process per file, so with several server workers the gallery
+routes need a Milvus server (``KILN_MILVUS_URI``). There, every worker and replica reads and writes the
+same collections and re-reads the state rows every ``SHARED_REFRESH_S``; searches and upserts scale out
+with them (Milvus itself scales query nodes), while a backfill runs in one process — the one that
+started it, or the first worker after a restart — writing its cursor to the shared state row. Admin
+operations on one gallery from two replicas at the same moment are not coordinated across processes, and
+an upsert in another process within ``SHARED_REFRESH_S`` of a backfill's start can miss the new
+generation: the cut-over then finds the counts differ, refuses, and marks the backfill failed (start it
+again) rather than lose the item.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from serving.gallery.store import (
     decode_source,
     encode_source,
     field_for,
+    is_lite,
 )
 from serving.repository import InferenceError
 
@@ -50,6 +58,7 @@ log = logging.getLogger("kiln.serving.gallery")
 MAX_K = 1000
 MAX_ITEMS = 1000  # per upsert request
 RETIRE_AFTER_S = 30.0  # a replaced collection generation is dropped after in-flight searches are done
+SHARED_REFRESH_S = 1.0  # on a Milvus server shared by several processes, re-read gallery states this often
 
 
 class EmbeddingModel(Protocol):
@@ -103,7 +112,9 @@ class Galleries:
         self.store = store
         self.lookup = lookup
         self.ray_address = ray_address
+        self.shared = not is_lite(store.uri)  # other workers/replicas may change states
         self.states: dict[str, dict] = store.load_states()
+        self._loaded = time.monotonic()
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         for name, state in self.states.items():
@@ -134,6 +145,8 @@ class Galleries:
         return self._locks.setdefault(name, asyncio.Lock())
 
     def state(self, name: str) -> dict:
+        if self.shared and time.monotonic() - self._loaded > SHARED_REFRESH_S:
+            self.states, self._loaded = self.store.load_states(), time.monotonic()
         state = self.states.get(name)
         if state is None:
             raise InferenceError(404, f"unknown gallery {name!r}; galleries: {sorted(self.states)}")
@@ -441,19 +454,16 @@ class Galleries:
             return new
 
     async def start_backfill(self, name: str, batch_size: int = 256, pause_ms: float = 0.0) -> dict:
-        """Start re-embedding the gallery with its active model into that model's native space."""
+        """Start re-embedding the gallery with its active model into that model's native space; a no-op
+        when the gallery holds that space already or the backfill is running."""
         async with self._lock(name):
             state = self.state(name)
             bf = state["backfill"]
             if bf.get("status") == "running":
                 return state
             model = self.lookup(state["model"])
-            if model.space in state["spaces"]:
-                raise InferenceError(
-                    409,
-                    f"gallery {name!r} already holds {model.space!r}, the native space of its query model "
-                    f"{model.name!r}; nothing to backfill",
-                )
+            if model.space in state["spaces"]:  # already backfilled: nothing to do (idempotent)
+                return state
             kinds = {"image", "text"} - set(model.modality.split("+"))
             for kind in sorted(kinds):
                 n = await asyncio.to_thread(self.store.count_where, state["collection"], f'kind == "{kind}"')

@@ -286,8 +286,12 @@ class _GalleryHost:
             return
         store = await asyncio.to_thread(MilvusStore, uri)
         self.galleries = Galleries(store, self.lookup, ray_address=os.environ.get("KILN_RAY_ADDRESS", ""))
-        self.galleries.resume()
-        await self._demo()
+        from bentoml._internal.context import server_context
+
+        # On a shared Milvus with several workers, the first worker resumes backfills and makes the demo
+        if getattr(server_context, "worker_index", None) in (None, 1):
+            self.galleries.resume()
+            await self._demo()
         log.info("galleries on %s: %s", uri, sorted(self.galleries.states))
 
     async def _demo(self) -> None:
