@@ -83,17 +83,6 @@ def train_xbt(
     return _train_projection(name, recipe, epochs=epochs, seed=seed, progress=progress)
 
 
-def _image_block(recipe: XBTRecipe) -> dict:
-    return {
-        "preprocess": {
-            "kind": "grayscale-image",
-            "size": list(recipe.image_size),
-            "value_range": [0.0, 1.0],
-            "note": "ink = 1, background = 0; any H×W is resized bilinearly (half-pixel centres)",
-        },
-    }
-
-
 def _train_dual(name: str, recipe: XBTRecipe, *, epochs: int, seed: int, progress: bool) -> TrainResult:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -112,7 +101,7 @@ def _train_dual(name: str, recipe: XBTRecipe, *, epochs: int, seed: int, progres
         for i in range(0, len(order), recipe.batch_size):
             idx = order[i : i + recipe.batch_size]
             yb = y_train[idx]
-            texts = [captions(np.array([int(y)]), int(rng.integers(1 << 31)))[0] for y in yb]
+            texts = captions(yb.numpy(), int(rng.integers(1 << 31)))
             zi = model(augment(x_train[idx], gen))
             zt = model.embed_texts(texts)
             loss = contrastive_loss(zi, zt, yb, model.logit_scale.exp().clamp(max=100.0))
@@ -149,7 +138,12 @@ def _train_dual(name: str, recipe: XBTRecipe, *, epochs: int, seed: int, progres
             "compatible": [],
             "text": {"tokenizer": "model_zoo.xbt.tokenize (lower-cased words, vocabulary in args)"},
         },
-        **_image_block(recipe),
+        "preprocess": {
+            "kind": "grayscale-image",
+            "size": list(recipe.image_size),
+            "value_range": [0.0, 1.0],
+            "note": "ink = 1, background = 0; any H×W is resized bilinearly (half-pixel centres)",
+        },
         "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 1, *recipe.image_size]}],
         "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, model.embed_dim]}],
         "metrics": {**metrics, "parameters": sum(p.numel() for p in model.parameters())},
