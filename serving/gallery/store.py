@@ -134,7 +134,7 @@ class MilvusStore:
         schema.add_field("_placeholder", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs one vector field
         index = self.client.prepare_index_params()
         index.add_index("_placeholder", index_type="FLAT", metric_type="IP")
-        self.client.create_collection(STATE_COLLECTION, schema=schema, index_params=index)
+        self._create(STATE_COLLECTION, schema, index)
 
     def load_states(self) -> dict[str, dict]:
         rows = self.client.query(STATE_COLLECTION, filter='id != ""', output_fields=["id", "state"])
@@ -167,7 +167,14 @@ class MilvusStore:
             schema.add_field(field_for(space), DataType.FLOAT_VECTOR, dim=int(dim))
             # FLAT: exact inner-product search (vectors are L2-normalised, so IP = cosine)
             index.add_index(field_for(space), index_type="FLAT", metric_type="IP")
-        self.client.create_collection(collection, schema=schema, index_params=index)
+        self._create(collection, schema, index)
+
+    def _create(self, collection: str, schema, index) -> None:
+        # Index apart and unsynced: create_collection(index_params=...) waits on the index through
+        # AllocTimestamp, which Milvus Lite does not implement (it logs an error, then carries on).
+        self.client.create_collection(collection, schema=schema)
+        self.client.create_index(collection, index, sync=False)
+        self.client.load_collection(collection)
 
     def load(self, collection: str) -> None:
         """Load a collection for search (collections are released when the process that opened them ends)."""

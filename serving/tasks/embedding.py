@@ -284,6 +284,7 @@ class _GalleryHost:
             )
             log.warning(self.unavailable)
             return
+        admin_token()  # made now, so the admin routes' token is on disk before the first call
         store = await asyncio.to_thread(MilvusStore, uri)
         self.galleries = Galleries(store, self.lookup, ray_address=os.environ.get("KILN_RAY_ADDRESS", ""))
         from bentoml._internal.context import server_context
