@@ -25,12 +25,9 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import hmac
 import logging
 import os
-import secrets
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -40,7 +37,7 @@ from pydantic import BaseModel, Field
 
 from kiln.artifacts import Artifact, load_torch_model
 from kiln.imaging import to_model_input
-from kiln.settings import kiln_home
+from serving.admin import admin_token, require_admin
 from serving.config import ServeConfig
 from serving.images import decode_image
 from serving.model import LoadedModel
@@ -204,33 +201,7 @@ class Embedder(LoadedModel):
         }
 
 
-# --- admin token, galleries --------------------------------------------------------------------------
-
-
-def admin_token() -> str:
-    """``KILN_ADMIN_TOKEN``, else a random token kept in ``$KILN_HOME/admin-token`` (mode 600, made once
-    and shared by every worker), so a first ``make serve`` has admin routes without configuration."""
-    token = os.environ.get("KILN_ADMIN_TOKEN", "").strip()
-    if token:
-        return token
-    path = kiln_home() / "admin-token"
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24))
-        log.info("admin token for gallery upgrade/backfill/rollback written to %s", path)
-    return Path(path).read_text().strip()
-
-
-def _check_admin(authorization: str | None) -> None:
-    if not authorization:
-        raise InferenceError(
-            401,
-            "admin route: send `Authorization: Bearer <token>` (KILN_ADMIN_TOKEN, or $KILN_HOME/admin-token)",
-        )
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_token().encode()):
-        raise InferenceError(403, "admin route: the bearer token is wrong")
+# --- galleries --------------------------------------------------------------------------------------
 
 
 def _demo_galleries() -> list[tuple[str, str]]:
@@ -630,7 +601,7 @@ def router(repo: ModelRepository) -> APIRouter:
     @api.post("/galleries/{name}/upgrade")
     async def upgrade(name: str, req: UpgradeRequest, authorization: str | None = Header(None)) -> dict:
         """Admin: query with a compatible new model now — zero items re-embedded."""
-        _check_admin(authorization)
+        require_admin(authorization)
         g = host.get()
         started = time.perf_counter()
         await g.upgrade(name, req.model)
@@ -642,7 +613,7 @@ def router(repo: ModelRepository) -> APIRouter:
         name: str, req: BackfillRequest | None = None, authorization: str | None = Header(None)
     ) -> dict:
         """Admin: start re-embedding the items with the active model (resumable; progress in GET)."""
-        _check_admin(authorization)
+        require_admin(authorization)
         g = host.get()
         req = req or BackfillRequest()
         await g.start_backfill(name, batch_size=req.batch_size, pause_ms=req.pause_ms)
@@ -651,7 +622,7 @@ def router(repo: ModelRepository) -> APIRouter:
     @api.post("/galleries/{name}/rollback")
     async def rollback(name: str, authorization: str | None = Header(None)) -> dict:
         """Admin: back to the previous query model and space (a running backfill is discarded)."""
-        _check_admin(authorization)
+        require_admin(authorization)
         g = host.get()
         await g.rollback(name)
         return await asyncio.to_thread(g.describe, name)
@@ -659,7 +630,7 @@ def router(repo: ModelRepository) -> APIRouter:
     @api.delete("/galleries/{name}")
     async def drop_gallery(name: str, authorization: str | None = Header(None)) -> dict:
         """Admin: delete the gallery and its collections."""
-        _check_admin(authorization)
+        require_admin(authorization)
         g = host.get()
         await g.drop(name)
         return {"deleted": name}
