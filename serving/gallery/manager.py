@@ -293,6 +293,10 @@ class Galleries:
             raise InferenceError(400, "items is empty; send at least one item")
         if len(items) > MAX_ITEMS:
             raise InferenceError(400, f"{len(items)} items in one request; at most {MAX_ITEMS}")
+        seen: set[str] = set()
+        twice = sorted({it.id for it in items if it.id in seen or seen.add(it.id)})
+        if twice:
+            raise InferenceError(400, f"item ids appear more than once in one request: {twice[:10]}")
         sources = []
         for it in items:
             if not it.id or len(it.id) > MAX_ID_CHARS:

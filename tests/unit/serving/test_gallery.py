@@ -205,6 +205,8 @@ def test_bad_input_names_the_problem(tmp_path, models):
         assert s == 409
         s, m = await status(g.create("bad name!", "old"))
         assert s == 400
+        s, m = await status(g.upsert("g", _items(2) + _items(1)))
+        assert s == 400 and "more than once" in m and "i0000" in m
         s, m = await status(g.upsert("g", [Item("v", "vector", np.ones(3, np.float32), {})]))
         assert s == 400 and "3 dims" in m
         await g.upsert("g", [Item("v", "vector", np.ones(4, np.float32), {})])
