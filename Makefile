@@ -21,7 +21,7 @@ $(PY):
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,ray]'  # ray: the distributed gallery backfill and its test
 	@command -v kubectl >/dev/null || echo "note: kubectl not found; tests/unit/test_k8s.py needs it (apt-get install kubectl or kubernetes-client)"
 	touch $(STAMP)
 
@@ -47,6 +47,7 @@ bench: install
 	$(VENV)/bin/kiln bench vit
 	$(VENV)/bin/kiln bench diffusion
 	$(VENV)/bin/kiln bench forecast
+	$(VENV)/bin/kiln bench retrieval
 
 proto: install
 	$(PY) -m serving.oip.proto.generate

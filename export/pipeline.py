@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from export.classification import ClassifierExport
 from export.diffusion import DiffusionExport
+from export.embedding import EmbeddingExport
 from export.forecasting import ForecastExport
 from export.onnx import export_onnx, max_abs_diff
 from export.quantize import QUANTIZERS, CalibrationReader, get_quantizer
@@ -60,7 +61,7 @@ class ExportSpec(Protocol):
 
 
 SPECS: dict[str, type[ExportSpec]] = {
-    cls.task: cls for cls in (ClassifierExport, DiffusionExport, ForecastExport)
+    cls.task: cls for cls in (ClassifierExport, DiffusionExport, ForecastExport, EmbeddingExport)
 }
 
 

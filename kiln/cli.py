@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from serving.config import DEFAULT_MODELS
+
 app = typer.Typer(
     help="Kiln: train research models on bundled data, export them to ONNX / int8 / TensorRT, and serve "
     "them over HTTP and gRPC (Open Inference Protocol) with Prometheus metrics.",
@@ -32,7 +34,9 @@ def train(
         typer.Argument(
             help="Recipe to train: vit-soft, vit-soft-norm, vit-softmax (classifiers), "
             "diffusion-digits (class-conditional diffusion), forecaster-goog-daily, "
-            "forecaster-eurusd-hourly (price forecasters)."
+            "forecaster-eurusd-hourly (price forecasters), embed-old, embed-new-independent, "
+            "embed-new-bct, embed-new-bt2, embed-new-oca (retrieval; a compatible model needs its old "
+            "one), xbt-old, xbt-new-text (XBT image–text)."
         ),
     ],
     epochs: Annotated[int | None, typer.Option(min=1, help="Override the recipe's epoch count.")] = None,
@@ -112,7 +116,7 @@ def export_cmd(
 def serve(
     models: Annotated[
         str, typer.Option(envvar="KILN_MODELS", help="Comma-separated model names or NAME:VERSION tags.")
-    ] = "vit-soft,vit-softmax,diffusion-digits,forecaster-goog-daily,forecaster-eurusd-hourly",
+    ] = DEFAULT_MODELS,
     backend: Annotated[
         str,
         typer.Option(
@@ -315,8 +319,10 @@ def bench(
         typer.Argument(
             help="Benchmark suite: vit (attention, runtimes, serving), diffusion (samplers, PTQ4DM int8, "
             "hallucination filter; trains and exports diffusion-digits and vit-soft if missing), agent "
-            "(CoT / IEP / IEP+CoT accuracy and LLM calls on --data; needs an LLM) or forecast "
-            "(walk-forward backtest of the forecasters and baselines on GOOG daily and EURUSD hourly)."
+            "(CoT / IEP / IEP+CoT accuracy and LLM calls on --data; needs an LLM), forecast "
+            "(walk-forward backtest of the forecasters and baselines on GOOG daily and EURUSD hourly) or "
+            "retrieval (BCT/BT²/OCA compatibility tables, XBT recall, gallery upgrade cost and search "
+            "latency)."
         ),
     ] = "vit",
     quick: Annotated[
@@ -333,7 +339,7 @@ def bench(
     ] = None,
 ) -> None:
     """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""
-    suites = ("vit", "diffusion", "agent", "forecast")
+    suites = ("vit", "diffusion", "agent", "forecast", "retrieval")
     if suite not in suites:
         _fail(f"unknown benchmark suite {suite!r}; valid: {', '.join(suites)}")
     import importlib

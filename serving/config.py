@@ -11,7 +11,10 @@ from dataclasses import dataclass
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("onnxruntime", "onnxruntime-int8", "pytorch", "tensorrt-fp16", "tensorrt-int8")
 GENERATION_BATCHING = ("step", "request")
-DEFAULT_MODELS = "vit-soft,vit-softmax,diffusion-digits,forecaster-goog-daily,forecaster-eurusd-hourly"
+DEFAULT_MODELS = (
+    "vit-soft,vit-softmax,diffusion-digits,forecaster-goog-daily,forecaster-eurusd-hourly,"
+    "embed-old,embed-new-oca,xbt-old,xbt-new-text"
+)
 
 
 class ConfigError(ValueError):

@@ -105,6 +105,30 @@ FORECAST_SECONDS = prometheus_client.Histogram(
 )
 
 
+# Retrieval galleries (serving.gallery), labelled by gallery
+GALLERY_SEARCHES = prometheus_client.Counter(
+    name="kiln_gallery_searches_total",
+    documentation="Gallery searches answered, by the embedding space searched",
+    labelnames=["gallery", "space"],
+)
+GALLERY_UPSERTS = prometheus_client.Counter(
+    name="kiln_gallery_upserts_total",
+    documentation="Gallery items upserted (acknowledged once flushed)",
+    labelnames=["gallery"],
+)
+GALLERY_REEMBEDDED = prometheus_client.Counter(
+    name="kiln_gallery_reembedded_items_total",
+    documentation="Gallery items re-embedded by backfills, by model (a compatible upgrade adds none)",
+    labelnames=["gallery", "model"],
+)
+GALLERY_BACKFILL_ITEMS = prometheus_client.Gauge(
+    name="kiln_gallery_backfill_items",
+    documentation="Backfill progress: items done and total (kind=done|total) of the gallery's last backfill",
+    labelnames=["gallery", "kind"],
+    multiprocess_mode="livemax",
+)
+
+
 def record_request(
     model: str, version: str, backend: str, protocol: str, ok: bool, seconds: float | None = None
 ) -> None:

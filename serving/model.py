@@ -28,7 +28,17 @@ MAX_REQUEST_BATCH = 64  # largest batch one request may carry (the OIP config's 
 class LoadedModel:
     task: ClassVar[str] = ""  # the artifact manifest's "task" this class serves
 
-    def __init__(self, art: Artifact, config: ServeConfig, *, batch_max_size: int | None = None):
+    def __init__(
+        self,
+        art: Artifact,
+        config: ServeConfig,
+        *,
+        batch_max_size: int | None = None,
+        backends: dict[str, str] | None = None,
+        runtime_factory=load_runtime,
+    ):
+        """``backends`` (backend → '' if loadable, else why not) and ``runtime_factory`` let a task run
+        artifacts that the exported-graph runtimes cannot (e.g. text encoders with a tokenizer)."""
         self.artifact = art
         self.name = art.name
         self.version = art.version
@@ -41,7 +51,7 @@ class LoadedModel:
         ]
         self.labels = art.manifest.get("labels", [])
 
-        status = available_backends(art)
+        status = available_backends(art) if backends is None else backends
         if status.get(config.backend, "unknown backend"):
             raise RuntimeError(
                 f"{art.tag} cannot run on backend {config.backend!r}: {status.get(config.backend)}. "
@@ -52,7 +62,7 @@ class LoadedModel:
         self.runtimes = {}
         for backend in order:
             labels = {"model": self.name, "version": self.version, "backend": backend}
-            runtime = load_runtime(art, backend, config.threads)
+            runtime = runtime_factory(art, backend, config.threads)
             self.runtimes[backend] = runtime
             self.batchers[backend] = AdaptiveBatcher(
                 runtime.run,

@@ -110,6 +110,57 @@ class ForecastRecipe(Recipe):
         return train_forecaster
 
 
+@dataclass(frozen=True)
+class EmbeddingRecipe(Recipe):
+    """Image embedding for retrieval, old or backward-compatible new (``training.retrieval``).
+
+    ``method``: ``old`` (trained on ``classes`` only), ``independent``, ``bct``, ``bt2`` or ``oca``;
+    the compatible methods name the ``old_model`` artifact they must be compatible with, and BT² its
+    independently trained ``reference_model`` (the λ1 term).
+    """
+
+    task: str = "embedding"
+    method: str = "independent"
+    classes: tuple[int, ...] = tuple(range(10))
+    old_model: str = ""
+    reference_model: str = ""
+    image_size: tuple[int, int] = (16, 16)
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3  # Adam 1e-3 with cosine decay, as BT²
+    weight_decay: float = 5e-4
+    loss_weights: tuple[float, ...] = ()  # method's λs; () = the paper's (BT²: 1, 10, 5; OCA: 5, 10, 5)
+    augment: bool = True
+
+    def trainer(self):
+        from training.retrieval import train_embedding
+
+        return train_embedding
+
+
+@dataclass(frozen=True)
+class XBTRecipe(Recipe):
+    """XBT (``training.xbt``): ``stage="dual"`` trains the old image–text dual encoder on digits + captions;
+    ``stage="projection"`` trains the new text model's projection into ``old_model``'s space, first on
+    captions alone (``epochs``), then on ``paired_images`` image–caption pairs (``pair_epochs``)."""
+
+    task: str = "embedding"
+    stage: str = "dual"
+    old_model: str = ""
+    image_size: tuple[int, int] = (16, 16)
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    captions_per_class: int = 60  # caption corpus size per digit (text-only stage)
+    paired_images: int = 100  # projection: image–text pairs of the second stage
+    pair_epochs: int = 20
+
+    def trainer(self):
+        from training.xbt import train_xbt
+
+        return train_xbt
+
+
 RECIPES: dict[str, Recipe] = {
     "vit-soft": ClassifierRecipe(
         architecture="vit_soft_tiny",
@@ -142,15 +193,67 @@ RECIPES: dict[str, Recipe] = {
         batch_size=128,
         description="Performer (FAVOR+) + BiLSTM quantile forecaster of hourly bars, trained on EURUSD",
     ),
+    "embed-old": EmbeddingRecipe(
+        architecture="embed_cnn_small",
+        method="old",
+        classes=(0, 1, 2, 3, 4),
+        epochs=30,
+        description="Retrieval: the old image embedding model (small CNN, 32-d, digits 0-4 only)",
+    ),
+    "embed-new-independent": EmbeddingRecipe(
+        architecture="embed_cnn_base",
+        method="independent",
+        description="Retrieval: new image embedding model trained independently (64-d, all digits)",
+    ),
+    "embed-new-bct": EmbeddingRecipe(
+        architecture="embed_cnn_base",
+        model_args={"embed_dim": 32, "compat_dim": 32},
+        method="bct",
+        old_model="embed-old",
+        requires=("embed-old",),
+        description="Retrieval: BCT new model (influence loss through the old classifier, 32-d)",
+    ),
+    "embed-new-bt2": EmbeddingRecipe(
+        architecture="embed_bt2_cnn_base",
+        method="bt2",
+        old_model="embed-old",
+        reference_model="embed-new-independent",
+        requires=("embed-old", "embed-new-independent"),
+        description="Retrieval: BT² new model (32 compatible + 32 extra dims, orthogonal basis transform)",
+    ),
+    "embed-new-oca": EmbeddingRecipe(
+        architecture="embed_oca_cnn_base",
+        method="oca",
+        old_model="embed-old",
+        requires=("embed-old",),
+        description="Retrieval: OCA new model (32 compatible + 32 extra dims, orthogonal layer, prototypes)",
+    ),
+    "xbt-old": XBTRecipe(
+        architecture="xbt_dual_small",
+        stage="dual",
+        description="XBT: old image–text dual encoder on digits and generated captions (32-d)",
+    ),
+    "xbt-new-text": XBTRecipe(
+        architecture="xbt_minilm_text",
+        stage="projection",
+        old_model="xbt-old",
+        requires=("xbt-old",),
+        epochs=40,
+        description="XBT: frozen all-MiniLM-L6-v2 + projection into xbt-old's space (text, then pairs)",
+    ),
 }
 
-DEFAULT_MODELS = (
+DEFAULT_MODELS = (  # what `make serve` trains and serves
     "vit-soft",
     "vit-softmax",
     "diffusion-digits",
     "forecaster-goog-daily",
     "forecaster-eurusd-hourly",
-)  # what `make serve` trains and serves
+    "embed-old",
+    "embed-new-oca",  # after its old model: compatible with the embed-old it finds in the store
+    "xbt-old",
+    "xbt-new-text",
+)
 
 
 def get_recipe(name: str) -> Recipe:

@@ -27,7 +27,7 @@ from serving.agent.tools import Tool
 from serving.config import ServeConfig
 from serving.model import LoadedModel
 from serving.repository import ModelRepository
-from serving.tasks import agent, classification, forecasting, generation
+from serving.tasks import agent, classification, embedding, forecasting, generation
 
 # task name → (served model class, or None for a task without an artifact; router factory)
 TASKS: dict[str, tuple[type[LoadedModel] | None, Callable[[ModelRepository], APIRouter]]] = {
@@ -35,6 +35,7 @@ TASKS: dict[str, tuple[type[LoadedModel] | None, Callable[[ModelRepository], API
     generation.Generator.task: (generation.Generator, generation.router),
     agent.TASK: (None, agent.router),
     forecasting.Forecaster.task: (forecasting.Forecaster, forecasting.router),
+    embedding.Embedder.task: (embedding.Embedder, embedding.router),
 }
 
 

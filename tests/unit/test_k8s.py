@@ -173,7 +173,8 @@ def test_env_comes_from_the_rendered_configmap(target: str) -> None:
     assert configmap["metadata"]["name"].startswith("kiln-config")
     expected = {
         "KILN_HOME": "/var/lib/kiln",
-        "KILN_MODELS": "vit-soft,vit-softmax,diffusion-digits,forecaster-goog-daily,forecaster-eurusd-hourly",
+        "KILN_MODELS": "vit-soft,vit-softmax,diffusion-digits,forecaster-goog-daily,forecaster-eurusd-hourly,"
+        "embed-old,embed-new-oca,xbt-old,xbt-new-text",
         "KILN_BATCH_MAX_SIZE": "32",
         "KILN_BATCH_WINDOW_MS": "2",
         "KILN_MAX_REQUEST_BYTES": "8388608",

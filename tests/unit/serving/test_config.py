@@ -19,6 +19,10 @@ def test_defaults(monkeypatch):
         "diffusion-digits",
         "forecaster-goog-daily",
         "forecaster-eurusd-hourly",
+        "embed-old",
+        "embed-new-oca",
+        "xbt-old",
+        "xbt-new-text",
     )
     assert cfg.backend == "onnxruntime" and cfg.http_port == 3000 and cfg.generation_batching == "step"
 

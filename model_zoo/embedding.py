@@ -1,0 +1,222 @@
+"""Image embedding networks for backward-compatible retrieval (BCT, BT², OCA), with heads apart.
+
+A small CNN backbone over 16×16 grayscale digits gives pooled features (``forward_features``); the
+embedding head maps them to the native embedding (``forward_head(pre_logits=True)``), and a cosine
+classifier (NormFace: logits = s · ŵ·ẑ) sits on top for training (``forward_head(pre_logits=False)``).
+``forward(images)`` is what is served and exported: the L2-normalised embedding.
+
+The compatibility heads are separate modules that a variant composes, never ``if`` branches in forward:
+
+* :class:`BasisTransform` — BT² (Zhou et al., "BT²: Backward-compatible Training with Basis
+  Transformation", ICCV 2023): the embedding is old-size + extra dimensions and passes through an
+  orthogonal linear layer (``torch.nn.utils.parametrizations.orthogonal``); the first old-size
+  coordinates of the result are the part compared with old embeddings.
+* :class:`OrthogonalClassifierHead` — OCA (Ricci et al., "Backward-Compatible Aligned Representations
+  via an Orthogonal Transformation Layer", 2024): the L2-normalised old+extra feature is rotated by an
+  orthogonal layer before the classifier; the compatible part is the first old-size coordinates of the
+  *un-rotated* feature, so the rotation lets the new classes use the whole space without disturbing it.
+
+Variant names: ``embed_cnn_small`` (the old model), ``embed_cnn_base`` (independent / BCT new model),
+``embed_bt2_cnn_base``, ``embed_oca_cnn_base``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+from model_zoo._registry import register_model
+
+__all__ = [
+    "BasisTransform",
+    "CosineClassifier",
+    "DigitsCNN",
+    "EmbeddingNet",
+    "OrthogonalClassifierHead",
+    "embed_bt2_cnn_base",
+    "embed_cnn_base",
+    "embed_cnn_small",
+    "embed_oca_cnn_base",
+]
+
+
+class DigitsCNN(nn.Module):
+    """Conv–BN–ReLU stages, each halving the grid, then global average pooling: (N,1,H,W) → (N, C)."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for i, c in enumerate(widths):
+            layers += [
+                nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+            ]
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            c_in = c
+        self.body = nn.Sequential(*layers)
+        self.num_features = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))
+
+
+def _orthogonal_linear(dim: int, parametrized: bool) -> nn.Linear:
+    """A bias-free ``dim × dim`` linear layer kept orthogonal by torch's parametrization while training.
+
+    ``parametrized=False`` builds the plain layer an artifact is saved as: the trainer bakes the
+    orthogonal weight in (``parametrize.remove_parametrizations(..., leave_parametrized=True)``), so the
+    served and exported graph is one MatMul instead of a matrix exponential (the zoo's export form).
+    """
+    linear = nn.Linear(dim, dim, bias=False)
+    return orthogonal(linear) if parametrized else linear
+
+
+class CosineClassifier(nn.Module):
+    """NormFace classifier: ``s · normalize(W) · normalize(z)`` (Wang et al. 2017), no bias."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 16.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) * dim**-0.5)
+        self.scale = scale
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(z, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
+class BasisTransform(nn.Module):
+    """BT²'s basis transformation: an orthogonal ``dim × dim`` linear map (no bias).
+
+    Orthogonal, so it changes the basis of the embedding without losing information; training then
+    aligns the first old-size coordinates of the transformed embedding with the old model.
+    """
+
+    def __init__(self, dim: int, parametrized: bool = True) -> None:
+        super().__init__()
+        self.linear = _orthogonal_linear(dim, parametrized)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z)
+
+
+class OrthogonalClassifierHead(nn.Module):
+    """OCA's head: an orthogonal layer on the normalised feature, then the classifier.
+
+    Only training uses it; the served embedding is the un-rotated feature, whose first old-size
+    coordinates are the old-compatible part.
+    """
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 16.0, parametrized: bool = True) -> None:
+        super().__init__()
+        self.rotation = _orthogonal_linear(dim, parametrized)
+        self.classifier = CosineClassifier(dim, num_classes, scale)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.rotation(F.normalize(z, dim=-1)))
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone → embedding head (→ optional basis transform) → classifier head.
+
+    Args:
+        widths: channels of the CNN stages.
+        embed_dim: native embedding dimension (old dim + extra dims for the compatible variants).
+        num_classes: classes of the training head (the old model sees only the old classes).
+        compat_dim: the leading coordinates that are compatible with an old model (0 = none); recorded
+            here so the artifact carries it, used by the trainers and the manifest.
+        transform: ``"none"`` or ``"bt2"`` — a :class:`BasisTransform` after the embedding head.
+        head: ``"cosine"`` or ``"oca"`` — the training classifier.
+        orthogonal_param: orthogonal layers carry torch's orthogonal parametrization (training) or are
+            plain linear layers holding an already-orthogonal weight (saved artifacts, export).
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (16, 32, 64),
+        embed_dim: int = 32,
+        num_classes: int = 10,
+        compat_dim: int = 0,
+        transform: str = "none",
+        head: str = "cosine",
+        orthogonal_param: bool = True,
+    ) -> None:
+        super().__init__()
+        if compat_dim > embed_dim:
+            raise ValueError(f"compat_dim {compat_dim} exceeds embed_dim {embed_dim}")
+        self.backbone = DigitsCNN(tuple(widths))
+        self.embed = nn.Linear(self.backbone.num_features, embed_dim)
+        transforms = {"none": nn.Identity, "bt2": lambda: BasisTransform(embed_dim, orthogonal_param)}
+        heads = {
+            "cosine": lambda: CosineClassifier(embed_dim, num_classes),
+            "oca": lambda: OrthogonalClassifierHead(embed_dim, num_classes, parametrized=orthogonal_param),
+        }
+        if transform not in transforms:
+            raise ValueError(f"unknown transform {transform!r}; valid: {sorted(transforms)}")
+        if head not in heads:
+            raise ValueError(f"unknown head {head!r}; valid: {sorted(heads)}")
+        self.transform = transforms[transform]()
+        self.head = heads[head]()
+        self.embed_dim, self.compat_dim, self.num_classes = embed_dim, compat_dim, num_classes
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Un-normalised embedding (``pre_logits=True``) or the training classifier's logits."""
+        z = self.transform(self.embed(features))
+        return z if pre_logits else self.head(z)
+
+    def embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The un-normalised native embedding (what the compatibility losses act on)."""
+        return self.forward_head(self.forward_features(images), pre_logits=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The served embedding: L2-normalised, ``(N, embed_dim)``."""
+        return F.normalize(self.embedding(images), dim=-1)
+
+
+@register_model
+def embed_cnn_small(
+    widths: tuple[int, ...] = (8, 16, 32), embed_dim: int = 32, num_classes: int = 5, compat_dim: int = 0
+) -> EmbeddingNet:
+    """The old model: a narrower CNN, 32-d embedding, trained on the old classes only."""
+    return EmbeddingNet(widths, embed_dim, num_classes, compat_dim)
+
+
+@register_model
+def embed_cnn_base(
+    widths: tuple[int, ...] = (16, 32, 64), embed_dim: int = 64, num_classes: int = 10, compat_dim: int = 0
+) -> EmbeddingNet:
+    """The new backbone with a plain head (independent training, or BCT with ``embed_dim`` = old dim)."""
+    return EmbeddingNet(widths, embed_dim, num_classes, compat_dim)
+
+
+@register_model
+def embed_bt2_cnn_base(
+    widths: tuple[int, ...] = (16, 32, 64),
+    embed_dim: int = 64,
+    num_classes: int = 10,
+    compat_dim: int = 32,
+    orthogonal_param: bool = True,
+) -> EmbeddingNet:
+    """BT² new model: old dim + extra dims, orthogonal basis transformation after the embedding head."""
+    return EmbeddingNet(widths, embed_dim, num_classes, compat_dim, "bt2", "cosine", orthogonal_param)
+
+
+@register_model
+def embed_oca_cnn_base(
+    widths: tuple[int, ...] = (16, 32, 64),
+    embed_dim: int = 64,
+    num_classes: int = 10,
+    compat_dim: int = 32,
+    orthogonal_param: bool = True,
+) -> EmbeddingNet:
+    """OCA new model: old dim + extra dims, orthogonal layer between the embedding and the classifier."""
+    return EmbeddingNet(widths, embed_dim, num_classes, compat_dim, "none", "oca", orthogonal_param)

@@ -1,0 +1,50 @@
+"""The admin bearer token of routes that change server state (gallery upgrade, backfill, rollback).
+
+``KILN_ADMIN_TOKEN`` when set; otherwise a random token made once and kept in ``$KILN_HOME/admin-token``
+(mode 600, shared by every worker of the server), so a first ``make serve`` has working admin routes and
+the operator reads the token from that file. 401 without ``Authorization: Bearer``, 403 with a wrong one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+
+from kiln.settings import kiln_home
+from serving.repository import InferenceError
+
+log = logging.getLogger("kiln.serving")
+
+ADMIN_TOKEN_ENV = "KILN_ADMIN_TOKEN"
+
+
+def admin_token() -> str:
+    """The token: ``KILN_ADMIN_TOKEN``, else the one in ``$KILN_HOME/admin-token`` (made if missing)."""
+    import secrets
+
+    token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    if token:
+        return token
+    path = kiln_home() / "admin-token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # O_EXCL: one worker makes it, the others read it
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+        log.info("admin token (for %s unset) written to %s", ADMIN_TOKEN_ENV, path)
+    return path.read_text().strip()
+
+
+def require_admin(authorization: str | None) -> None:
+    """Raise :class:`InferenceError` 401 (no bearer token) or 403 (wrong token)."""
+    if not authorization:
+        raise InferenceError(
+            401,
+            f"admin route: send 'Authorization: Bearer <token>' "
+            f"({ADMIN_TOKEN_ENV}, or the token in $KILN_HOME/admin-token)",
+        )
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_token().encode()):
+        raise InferenceError(403, "admin route: wrong bearer token")

@@ -1,0 +1,128 @@
+"""Registry-driven tests of the retrieval embedding variants: shapes, gradients, orthogonality, ONNX."""
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from export.onnx import export_onnx, max_abs_diff
+from model_zoo import create_model, list_models
+from model_zoo.embedding import BasisTransform, OrthogonalClassifierHead
+from model_zoo.xbt import tokenize
+
+IMAGE_MODELS = list_models("embed_*")
+TINY = {"widths": (4, 8), "embed_dim": 12, "compat_dim": 8}
+TINY_OLD = {"widths": (4, 8), "embed_dim": 8}
+DUAL_TINY = {"vocab": ["a", "digit", "seven", "7"], "widths": (4, 8), "embed_dim": 8, "text_width": 8}
+
+
+def _tiny(name: str) -> dict:
+    return TINY_OLD if name == "embed_cnn_small" else TINY
+
+
+def _images(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_variants_registered():
+    expected = {"embed_cnn_small", "embed_cnn_base", "embed_bt2_cnn_base", "embed_oca_cnn_base"}
+    assert expected <= set(IMAGE_MODELS)
+    assert {"xbt_dual_small", "xbt_minilm_text"} <= set(list_models("xbt_*"))
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forward_normalised_embedding(name, batch):
+    torch.manual_seed(0)
+    model = create_model(name, **_tiny(name)).eval()
+    with torch.no_grad():
+        z = model(_images(batch))
+        feats = model.forward_features(_images(batch))
+        logits = model.forward_head(feats)
+    assert z.shape == (batch, model.embed_dim)
+    assert torch.allclose(z.norm(dim=-1), torch.ones(batch), atol=1e-5)
+    assert logits.shape == (batch, model.num_classes)
+    assert feats.shape == (batch, model.backbone.num_features)
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+def test_backward_reaches_every_parameter(name):
+    torch.manual_seed(0)
+    model = create_model(name, **_tiny(name))
+    x = _images(4)
+    loss = torch.nn.functional.cross_entropy(model.head(model.embedding(x)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("module", [BasisTransform(12), OrthogonalClassifierHead(12, 10)])
+def test_orthogonal_layers_stay_orthogonal_under_training(module):
+    linear = module.linear if isinstance(module, BasisTransform) else module.rotation
+    assert parametrize.is_parametrized(linear)
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    for _ in range(5):
+        opt.zero_grad()
+        module(x).pow(2).sum().backward()
+        opt.step()
+    w = linear.weight.detach()
+    assert torch.allclose(w @ w.T, torch.eye(12), atol=1e-4)  # float32 matrix exponential
+    # a rotation: norms and inner products are kept
+    assert torch.allclose(linear(x).norm(dim=-1), x.norm(dim=-1), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["embed_bt2_cnn_base", "embed_oca_cnn_base"])
+def test_baked_orthogonal_weights_rebuild_without_parametrization(name):
+    """An artifact saves plain layers (orthogonal_param=False) that reproduce the trained model exactly."""
+    torch.manual_seed(0)
+    model = create_model(name, **TINY).eval()
+    x = _images(3)
+    with torch.no_grad():
+        before = model(x)
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    plain = create_model(name, **TINY, orthogonal_param=False).eval()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), before, atol=1e-6)
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+def test_onnx_parity(name, tmp_path):
+    torch.manual_seed(0)
+    args = dict(_tiny(name))
+    if name in ("embed_bt2_cnn_base", "embed_oca_cnn_base"):
+        args["orthogonal_param"] = False  # the exported form (the trainer bakes the weights in)
+    model = create_model(name, **args).eval()
+    path = export_onnx(model, _images(2), tmp_path / "m.onnx", input_name="images", output_name="embedding")
+    assert max_abs_diff(model, path, _images(5, seed=1).numpy()) < 1e-5
+
+
+def test_dual_encoder_towers_share_one_space(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("xbt_dual_small", **DUAL_TINY).eval()
+    with torch.no_grad():
+        img = model(_images(3))
+        txt = model.encode_text(["a digit seven", "7", "unknown words only"])["embedding"]
+    assert img.shape == txt.shape == (3, 8)
+    assert torch.allclose(txt.norm(dim=-1), torch.ones(3), atol=1e-5)
+    path = export_onnx(model, _images(2), tmp_path / "d.onnx", input_name="images", output_name="embedding")
+    assert max_abs_diff(model, path, _images(4, seed=2).numpy()) < 1e-5
+
+
+def test_tokenize_pads_and_marks_unknown_words():
+    ids = tokenize(["A digit, SEVEN!", "zebra 7 7 7"], ["a", "digit", "seven", "7"], max_len=3)
+    assert ids.tolist() == [[2, 3, 4], [1, 5, 5]]
+    assert tokenize([""], ["a"], max_len=2).tolist() == [[0, 0]]
+
+
+def test_projection_only_model_has_no_minilm_parameters():
+    model = create_model("xbt_minilm_text", load_encoder=False, hidden=16)
+    assert set(model.state_dict()) == {k for k in model.state_dict() if k.startswith("projection.")}
+    native = torch.nn.functional.normalize(torch.randn(4, 384), dim=-1)
+    same, projected = model(native)
+    assert torch.allclose(same, native, atol=1e-6) and projected.shape == (4, 32)
+    assert np.allclose(projected.norm(dim=-1).detach().numpy(), 1.0, atol=1e-5)

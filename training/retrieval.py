@@ -1,0 +1,424 @@
+"""Retrieval embeddings, backward-compatible training (task ``embedding``): old, independent, BCT, BT², OCA.
+
+Protocol of BT² (Zhou et al., ICCV 2023) scaled to the bundled digits: the old model is trained on half
+the classes (0-4), every new model on all ten. The compatible methods make a new model's embeddings
+comparable with the old model's, so a gallery embedded by the old model can be searched with new-model
+queries (no backfill):
+
+* BCT (Shen et al., "Towards Backward-Compatible Representation Learning", CVPR 2020, eq. 3): the new
+  embedding also passes through the *frozen old classifier* (influence loss). New classes have no old
+  classifier row; as BCT §3.2 they get the mean old-model embedding of their training images.
+* BT² (eq. 5 of the paper as summarised in PAPERS.md): embedding = old dims + extra dims after an
+  orthogonal basis transformation; loss = CE + λ1 (1 − cos(z, z_independent)) + λ2 CE_old(z[:d_old])
+  + λ3 (1 − cos(z[:d_old], z_old)), λ = (1, 10, 5).
+* OCA (Ricci et al. 2024): L2-normalised old+extra feature, orthogonal layer before the classifier;
+  loss = 5 CE + 10 CE(z[:d_old] · old prototypes) + 5 (1 − cos(old prototype of y, z[:d_old])).
+
+The evaluation (:func:`compatibility_table`) follows BT²: a fixed query/gallery split of the test
+images; top-1, top-5 and mAP of cosine retrieval for old/old, new/old (new queries vs old gallery) and
+new/new. Choices are made on the validation split; the test split is only reported.
+
+The artifact holds the final weights (Adam, cosine decay to 0, as BT²) with BT²'s and OCA's orthogonal
+layers baked into plain linear layers (``orthogonal_param=False``), so the served graph is plain MatMuls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from sklearn.model_selection import train_test_split
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from kiln.artifacts import Artifact, ArtifactError, get_artifact, load_torch_model, save_artifact
+from model_zoo import create_model
+from training.data import split_inputs
+from training.recipes import EmbeddingRecipe
+from training.trainer import TrainResult, lr_at, run_dir, training_block
+
+METHODS = ("old", "independent", "bct", "bt2", "oca")
+DEFAULT_LOSS_WEIGHTS = {"bct": (1.0,), "bt2": (1.0, 10.0, 5.0), "oca": (5.0, 10.0, 5.0)}
+GALLERY_SEED = 0
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random affine jitter per image: ±10° rotation, ±10% scale, ±1 px shift at 16 px."""
+    n = x.shape[0]
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(10)
+    scale = 1 + (torch.rand(n, generator=gen) * 2 - 1) * 0.1
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (1 / 8)  # normalised coords: 1 px of 16
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+def split_tensors(split: str, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = split_inputs(split, tuple(image_size))
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def query_gallery(
+    split: str, image_size: tuple[int, int] = (16, 16)
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A fixed, stratified half/half query/gallery division of a split's images (BT²'s protocol)."""
+    x, y = split_inputs(split, tuple(image_size))
+    q, g = train_test_split(np.arange(len(y)), test_size=0.5, stratify=y, random_state=GALLERY_SEED)
+    return {"query": (x[q], y[q]), "gallery": (x[g], y[g])}
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+@torch.no_grad()
+def embed_images(
+    model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 256
+) -> np.ndarray:
+    """L2-normalised embeddings of ``(N, 1, H, W)`` images (the model's served output)."""
+    model.eval()
+    x = torch.as_tensor(images)
+    out = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def to_space(emb: np.ndarray, dims: int | None) -> np.ndarray:
+    """The subspace rule: the first ``dims`` coordinates, re-normalised (``None`` = all)."""
+    e = emb if dims is None else emb[:, :dims]
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
+def retrieval_metrics(
+    query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray
+) -> dict[str, float]:
+    """Top-1, top-5 (a same-class item among the k nearest) and mAP of cosine retrieval, in percent."""
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query dim {query.shape[1]} != gallery dim {gallery.shape[1]}")
+    sims = query @ gallery.T
+    order = np.argsort(-sims, axis=1, kind="stable")
+    match = gallery_labels[order] == query_labels[:, None]  # (Q, G) relevance in rank order
+    top1 = match[:, 0].mean()
+    top5 = match[:, :5].any(1).mean()
+    hits = np.cumsum(match, axis=1)
+    ranks = np.arange(1, match.shape[1] + 1)
+    ap = (match * hits / ranks).sum(1) / np.maximum(match.sum(1), 1)
+    return {"top1": 100 * float(top1), "top5": 100 * float(top5), "map": 100 * float(ap.mean())}
+
+
+def compatibility_table(
+    old: torch.nn.Module,
+    new: torch.nn.Module | None,
+    compat_dims: int | None,
+    split: str = "test",
+    image_size: tuple[int, int] = (16, 16),
+) -> dict[str, dict[str, float]]:
+    """BT²'s cases on ``split``: old/old, and with a new model new/old (its first ``compat_dims`` dims
+    against the old gallery) and new/new."""
+    qg = query_gallery(split, image_size)
+    (xq, yq), (xg, yg) = qg["query"], qg["gallery"]
+    old_q, old_g = embed_images(old, xq), embed_images(old, xg)
+    table = {"old/old": retrieval_metrics(old_q, yq, old_g, yg)}
+    if new is not None:
+        new_q, new_g = embed_images(new, xq), embed_images(new, xg)
+        table["new/old"] = retrieval_metrics(to_space(new_q, compat_dims), yq, old_g, yg)
+        table["new/new"] = retrieval_metrics(new_q, yq, new_g, yg)
+    return table
+
+
+# ------------------------------------------------------------------------------------- losses
+
+
+def old_prototypes(old: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean L2-normalised old-model embedding per class, re-normalised: ``(num_classes, d_old)``."""
+    with torch.no_grad():
+        z = torch.from_numpy(embed_images(old, x))
+    protos = torch.stack([z[y == c].mean(0) for c in range(num_classes)])
+    return F.normalize(protos, dim=-1)
+
+
+def extended_old_classifier(old: torch.nn.Module, protos: torch.Tensor) -> torch.Tensor:
+    """BCT §3.2: the frozen old classifier's rows for old classes, old-embedding prototypes for the rest."""
+    w = F.normalize(old.head.weight.detach(), dim=-1)
+    return torch.cat([w, protos[w.shape[0] :]])
+
+
+def influence_loss(
+    z_compat: torch.Tensor, y: torch.Tensor, old_weight: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """CE of the compatible embedding through the (frozen, extended) old cosine classifier (BCT eq. 3)."""
+    logits = scale * F.normalize(z_compat, dim=-1) @ old_weight.T
+    return F.cross_entropy(logits, y)
+
+
+def bt2_losses(
+    z: torch.Tensor,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    z_ref: torch.Tensor,
+    z_old: torch.Tensor,
+    old_weight: torch.Tensor,
+    d_old: int,
+    scale: float,
+) -> dict[str, torch.Tensor]:
+    """BT²'s terms: CE, 1 − cos to the independent model, CE through the old classifier, 1 − cos to old."""
+    zc = z[:, :d_old]
+    return {
+        "ce": F.cross_entropy(logits, y),
+        "independent": (1 - F.cosine_similarity(z, z_ref, dim=-1)).mean(),
+        "old_classifier": influence_loss(zc, y, old_weight, scale),
+        "old_feature": (1 - F.cosine_similarity(zc, z_old, dim=-1)).mean(),
+    }
+
+
+def oca_losses(
+    z: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, protos: torch.Tensor, d_old: int, scale: float
+) -> dict[str, torch.Tensor]:
+    """OCA's terms: CE after the orthogonal layer, CE against old prototypes, 1 − cos to own prototype."""
+    zc = F.normalize(F.normalize(z, dim=-1)[:, :d_old], dim=-1)  # compatible part of the un-rotated feature
+    return {
+        "ce": F.cross_entropy(logits, y),
+        "prototype_ce": F.cross_entropy(scale * zc @ protos.T, y),
+        "prototype_cos": (1 - (zc * protos[y]).sum(-1)).mean(),
+    }
+
+
+# ------------------------------------------------------------------------------------ trainer
+
+
+@dataclass
+class _Frozen:
+    """What a compatible method reads from other models, computed once."""
+
+    old: torch.nn.Module | None = None
+    reference: torch.nn.Module | None = None
+    protos: torch.Tensor | None = None
+    old_weight: torch.Tensor | None = None
+    old_art: Artifact | None = None
+
+
+def require_artifact(name: str) -> Artifact:
+    """The latest stored artifact ``name``; trains its registered recipe first if the store has none."""
+    try:
+        return get_artifact(name)
+    except ArtifactError:
+        from training.recipes import RECIPES
+        from training.trainer import train
+
+        if name not in RECIPES:
+            raise
+        print(f"{name} is not in the model store; training it first (kiln train {name})")
+        return train(name).artifact
+
+
+def train_embedding(
+    name: str, recipe: EmbeddingRecipe, *, epochs: int, seed: int = 0, progress: bool = True
+) -> TrainResult:
+    """Train one embedding recipe on the bundled digits and save it as artifact ``name``."""
+    if recipe.method not in METHODS:
+        raise ValueError(f"unknown method {recipe.method!r}; valid: {list(METHODS)}")
+    if recipe.method in ("bct", "bt2", "oca") and not recipe.old_model:
+        raise ValueError(f"{name}: method {recipe.method!r} needs old_model")
+    if recipe.method == "bt2" and not recipe.reference_model:
+        raise ValueError(f"{name}: BT² needs reference_model (the independently trained new model)")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x_all, y_all = split_tensors("train", recipe.image_size)
+    keep = torch.isin(y_all, torch.tensor(recipe.classes))
+    x_train, y_train = x_all[keep], y_all[keep]
+
+    model = create_model(recipe.architecture, **recipe.model_args)
+    d_old = model.compat_dim
+    weights = recipe.loss_weights or DEFAULT_LOSS_WEIGHTS.get(recipe.method, ())
+    frozen = _Frozen()
+    if recipe.old_model:
+        frozen.old_art = require_artifact(recipe.old_model)
+        frozen.old = load_torch_model(frozen.old_art)
+        old_dim = frozen.old_art.manifest["embedding"]["dim"]
+        if d_old != old_dim:
+            raise ValueError(f"{name}: compat_dim {d_old} != {recipe.old_model}'s dimension {old_dim}")
+        frozen.protos = old_prototypes(frozen.old, x_train, y_train, model.num_classes)
+        frozen.old_weight = extended_old_classifier(frozen.old, frozen.protos)
+    if recipe.reference_model:
+        frozen.reference = load_torch_model(require_artifact(recipe.reference_model))
+    scale = 16.0  # the cosine classifiers' scale (model_zoo.embedding.CosineClassifier)
+
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
+    total_steps = epochs * steps_per_epoch
+    run_path = run_dir(name)
+    t0, step = time.perf_counter(), 0
+    bar = tqdm(range(epochs), desc=f"train {name}", unit="epoch", disable=not progress)
+    history: list[dict[str, float]] = []
+    for _ in bar:
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        sums: dict[str, float] = {}
+        for i in range(0, len(order), recipe.batch_size):
+            idx = order[i : i + recipe.batch_size]
+            xb = augment(x_train[idx], gen) if recipe.augment else x_train[idx]
+            yb = y_train[idx]
+            z = model.embedding(xb)
+            logits = model.head(z)
+            if recipe.method in ("old", "independent"):
+                terms = {"ce": F.cross_entropy(logits, yb)}
+                loss = terms["ce"]
+            elif recipe.method == "bct":
+                terms = {
+                    "ce": F.cross_entropy(logits, yb),
+                    "influence": influence_loss(z, yb, frozen.old_weight, scale),
+                }
+                loss = terms["ce"] + weights[0] * terms["influence"]
+            elif recipe.method == "bt2":
+                with torch.no_grad():
+                    z_ref, z_old = frozen.reference(xb), frozen.old(xb)
+                terms = bt2_losses(z, logits, yb, z_ref, z_old, frozen.old_weight, d_old, scale)
+                l1, l2, l3 = weights
+                loss = (
+                    terms["ce"]
+                    + l1 * terms["independent"]
+                    + l2 * terms["old_classifier"]
+                    + l3 * terms["old_feature"]
+                )
+            else:  # oca
+                terms = oca_losses(z, logits, yb, frozen.protos, d_old, scale)
+                w_ce, w_pce, w_cos = weights
+                loss = w_ce * terms["ce"] + w_pce * terms["prototype_ce"] + w_cos * terms["prototype_cos"]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total_steps, 0, recipe.lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            for k, v in {"loss": loss, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
+        history.append({k: v / len(order) for k, v in sums.items()})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+    seconds = time.perf_counter() - t0
+    model.eval()
+
+    # bake the orthogonal weights in (BT²'s basis transform, OCA's layer): the artifact holds plain layers
+    baked = False
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            baked = True
+    args = dict(model.kiln_config["args"])
+    if baked:
+        args["orthogonal_param"] = False
+
+    metrics: dict[str, float] = {"train_seconds": round(seconds, 1)}
+    for split in ("val", "test"):
+        if frozen.old is None:  # old or independent: its own retrieval
+            table = {"self": compatibility_table(model, None, None, split, recipe.image_size)["old/old"]}
+        else:
+            table = compatibility_table(frozen.old, model, d_old, split, recipe.image_size)
+        for case, m in table.items():
+            for k, v in m.items():
+                metrics[f"{split}_{case.replace('/', '_')}_{k}"] = round(v, 2)
+
+    weights_path = run_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights_path))
+    compatible = []
+    if frozen.old_art is not None:
+        compatible.append(
+            {
+                "space": frozen.old_art.manifest["embedding"]["space"],
+                "model": frozen.old_art.name,
+                "version": frozen.old_art.version,
+                "method": recipe.method,
+                "how": "subspace",
+                "dims": d_old,
+            }
+        )
+    manifest = {
+        "architecture": recipe.architecture,
+        "args": args,
+        "task": recipe.task,
+        "embedding": {
+            "modality": "image",
+            "dim": model.embed_dim,
+            "space": name,
+            "normalized": True,
+            "compatible": compatible,
+        },
+        "labels": [str(c) for c in recipe.classes],
+        "preprocess": {
+            "kind": "grayscale-image",
+            "size": list(recipe.image_size),
+            "value_range": [0.0, 1.0],
+            "note": "ink = 1, background = 0; any H×W is resized bilinearly (half-pixel centres)",
+        },
+        "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 1, *recipe.image_size]}],
+        "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, model.embed_dim]}],
+        "metrics": {**metrics, "parameters": sum(p.numel() for p in model.parameters())},
+        "training": training_block(
+            name,
+            recipe,
+            epochs=epochs,
+            seed=seed,
+            path=run_path,
+            loss_weights=list(weights),
+            old_model=frozen.old_art.tag if frozen.old_art else None,
+            final_losses=history[-1],
+        ),
+    }
+    artifact = save_artifact(name, weights_path, manifest, labels={"task": recipe.task})
+    headline = {k: v for k, v in metrics.items() if k.startswith("val_") and k.endswith("top1")}
+    return TrainResult(artifact, seconds, headline)
+
+
+TINY_RECIPES: dict[str, EmbeddingRecipe] = {
+    "tiny-embed-old": EmbeddingRecipe(
+        architecture="embed_cnn_small",
+        method="old",
+        classes=(0, 1, 2, 3, 4),
+        epochs=8,
+        lr=3e-3,
+        model_args={"widths": (8, 16), "embed_dim": 8},
+    ),
+    "tiny-embed-new-independent": EmbeddingRecipe(
+        architecture="embed_cnn_base",
+        method="independent",
+        epochs=4,
+        lr=3e-3,
+        model_args={"widths": (8, 16), "embed_dim": 12},
+    ),
+    "tiny-embed-new-bct": EmbeddingRecipe(
+        architecture="embed_cnn_base",
+        method="bct",
+        old_model="tiny-embed-old",
+        epochs=4,
+        lr=3e-3,
+        model_args={"widths": (8, 16), "embed_dim": 8, "compat_dim": 8},
+    ),
+    "tiny-embed-new-bt2": EmbeddingRecipe(
+        architecture="embed_bt2_cnn_base",
+        method="bt2",
+        old_model="tiny-embed-old",
+        reference_model="tiny-embed-new-independent",
+        epochs=4,
+        lr=3e-3,
+        model_args={"widths": (8, 16), "embed_dim": 12, "compat_dim": 8},
+    ),
+    "tiny-embed-new-oca": EmbeddingRecipe(
+        architecture="embed_oca_cnn_base",
+        method="oca",
+        old_model="tiny-embed-old",
+        epochs=4,
+        lr=3e-3,
+        model_args={"widths": (8, 16), "embed_dim": 12, "compat_dim": 8},
+    ),
+}
+"""Seconds-long configs for tests and fixtures: train in this order (each names the ones before it).
+On the validation split, seeds 0-2: old self top-1 64-73; new/old top-1 independent 1-10, BT² 27-39,
+OCA 49-53."""
