@@ -9,6 +9,8 @@ change how requests are scheduled onto the runtime (``batch_max_size``).
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import replace
 from typing import ClassVar
 
 import numpy as np
@@ -41,30 +43,47 @@ class LoadedModel:
         ]
         self.labels = art.manifest.get("labels", [])
 
+        # Per-model settings (serving.config.ModelSettings): the global ones unless the operator set
+        # this model's own; a task's batch size (``batch_max_size``) yields to an explicit per-model one.
+        self.settings = settings = config.settings_for(art.name)
+        if batch_max_size is not None and "batch_max_size" not in settings.explicit:
+            settings = replace(settings, batch_max_size=batch_max_size)
         status = available_backends(art)
-        if status.get(config.backend, "unknown backend"):
+        if status.get(settings.backend, "unknown backend"):
             raise RuntimeError(
-                f"{art.tag} cannot run on backend {config.backend!r}: {status.get(config.backend)}. "
+                f"{art.tag} cannot run on backend {settings.backend!r}: {status.get(settings.backend)}. "
                 f"Loadable here: {[b for b, why in status.items() if not why]}"
             )
-        order = [config.backend] + [b for b, why in status.items() if not why and b != config.backend]
+        order = [settings.backend] + [b for b, why in status.items() if not why and b != settings.backend]
         self.batchers: dict[str, AdaptiveBatcher] = {}
         self.runtimes = {}
-        for backend in order:
-            labels = {"model": self.name, "version": self.version, "backend": backend}
-            runtime = load_runtime(art, backend, config.threads)
-            self.runtimes[backend] = runtime
-            self.batchers[backend] = AdaptiveBatcher(
-                runtime.run,
-                max_batch_size=batch_max_size or config.batch_max_size,
-                window_ms=config.batch_window_ms,
-                labels=labels,
-            )
-            metrics.MODEL_LOAD_SECONDS.labels(**labels).set(runtime.load_seconds)
-            metrics.MODEL_READY.labels(**labels).set(1)
-            log.info("loaded %s on %s in %.2fs", art.tag, backend, runtime.load_seconds)
+        self.in_flight = 0
+        try:
+            for backend in order:
+                labels = {"model": self.name, "version": self.version, "backend": backend}
+                # One runtime per instance: ``instances`` batches compute at once (Triton's instance_group).
+                instances = [load_runtime(art, backend, config.threads) for _ in range(settings.instances)]
+                runtime = self.runtimes[backend] = instances[0]
+                self.batchers[backend] = AdaptiveBatcher(
+                    [r.run for r in instances],
+                    max_batch_size=settings.batch_max_size,
+                    window_ms=settings.batch_window_ms,
+                    labels=labels,
+                    max_queue_size=settings.max_queue_size,
+                    max_queue_delay_ms=settings.max_queue_delay_ms,
+                )
+                metrics.MODEL_LOAD_SECONDS.labels(**labels).set(runtime.load_seconds)
+                log.info("loaded %s on %s in %.2fs", art.tag, backend, runtime.load_seconds)
+        except Exception as exc:
+            # One backend that will not start (a corrupt or missing graph) makes the whole model
+            # UNAVAILABLE: the repository records the reason, the other models keep serving.
+            self.close()
+            raise RuntimeError(f"{art.tag}: backend {backend!r} failed to load: {exc}") from exc
+        for backend in self.batchers:
+            metrics.MODEL_READY.labels(model=self.name, version=self.version, backend=backend).set(1)
         self.backends = list(self.batchers)
         self.platform = PLATFORMS[self.backends[0]]
+        self.loaded_at = time.time()
 
     def ready(self) -> bool:
         return bool(self.batchers)
@@ -72,15 +91,24 @@ class LoadedModel:
     def resolve_backend(self, backend: str | None) -> str:
         if backend in (None, ""):
             return self.backends[0]
-        if backend not in self.batchers:
+        if backend not in self.backends:
             raise InferenceError(
                 400, f"model {self.name!r} has no backend {backend!r}; loaded: {self.backends}"
             )
         return backend
 
     async def infer(self, inputs: dict[str, np.ndarray], backend: str | None = None) -> dict[str, np.ndarray]:
-        return await self.batchers[self.resolve_backend(backend)].submit(inputs)
+        batcher = self.batchers.get(self.resolve_backend(backend))
+        if batcher is None:
+            raise InferenceError(503, f"model {self.name!r} version {self.version!r} was unloaded")
+        self.in_flight += 1  # an unload waits for this to reach 0 before closing the batchers
+        try:
+            return await batcher.submit(inputs)
+        finally:
+            self.in_flight -= 1
 
     def close(self) -> None:
-        for b in self.batchers.values():
+        batchers, self.batchers = self.batchers, {}
+        for backend, b in batchers.items():
             b.close()
+            metrics.MODEL_READY.labels(model=self.name, version=self.version, backend=backend).set(0)

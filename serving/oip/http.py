@@ -83,7 +83,8 @@ def create_oip_app(
         return Response(status_code=200)
 
     async def ready(request: Request) -> Response:
-        return Response(status_code=200 if repo.ready() else 503)
+        reason = repo.not_ready_reason()  # strict readiness: see ModelRepository
+        return Response(status_code=200) if reason is None else _error(503, f"not ready: {reason}")
 
     async def model_metadata(request: Request) -> Response:
         model = _model(repo, request)
