@@ -9,9 +9,11 @@ change how requests are scheduled onto the runtime (``batch_max_size``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import replace
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -25,6 +27,95 @@ from serving.runtime import PLATFORMS, available_backends, load_runtime
 log = logging.getLogger("kiln.serving")
 
 MAX_REQUEST_BATCH = 64  # largest batch one request may carry (the OIP config's max_batch_size)
+
+
+_COMPUTE_NS = "__kiln_compute_ns__"  # travels with each batch's rows: the batch's compute time
+
+
+@dataclass
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class ModelStats:
+    """Per-model statistics in the shape of Triton's statistics extension (``model_stats`` entries).
+
+    ``success`` / ``fail``: requests and their time inside the model (queue + compute); ``queue``: time
+    waiting for a batch (a request's time minus its batch's compute time); ``compute_infer``: the
+    runtime's execution, counted once per request that rode in the batch, as Triton does; per batch
+    size, the executions and their compute time. Kept in the worker process that serves the model.
+    """
+
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+    queue: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    inference_count: int = 0  # samples (rows) inferred
+    execution_count: int = 0  # runtime executions (batches)
+    last_inference_ms: int = 0  # ms since the epoch of the last request's end
+    batches: dict[int, _Duration] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def timed(self, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]):
+        """Wrap a runtime's ``run``: count the execution, and attach its compute time to every row."""
+
+        def run_timed(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            start = time.perf_counter_ns()
+            outputs = run(inputs)
+            ns = time.perf_counter_ns() - start
+            rows = len(next(iter(inputs.values())))
+            with self._lock:
+                self.execution_count += 1
+                self.inference_count += rows
+                self.batches.setdefault(rows, _Duration()).add(ns)
+            return {**outputs, _COMPUTE_NS: np.full(rows, ns, dtype=np.int64)}
+
+        return run_timed
+
+    def request(self, ok: bool, ns: int, compute_ns: int) -> None:
+        with self._lock:
+            if ok:
+                self.success.add(ns)
+                self.compute_infer.add(compute_ns)
+                self.queue.add(max(0, ns - compute_ns))
+            else:
+                self.fail.add(ns)
+            self.last_inference_ms = int(time.time() * 1000)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Triton's ``model_stats`` entry body (without name and version)."""
+        zero = {"count": 0, "ns": 0}
+        with self._lock:
+            return {
+                "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count,
+                "execution_count": self.execution_count,
+                "inference_stats": {
+                    "success": asdict(self.success),
+                    "fail": asdict(self.fail),
+                    "queue": asdict(self.queue),
+                    "compute_input": dict(zero),
+                    "compute_infer": asdict(self.compute_infer),
+                    "compute_output": dict(zero),
+                    "cache_hit": dict(zero),
+                    "cache_miss": dict(zero),
+                },
+                "batch_stats": [
+                    {
+                        "batch_size": size,
+                        "compute_input": dict(zero),
+                        "compute_infer": asdict(d),
+                        "compute_output": dict(zero),
+                    }
+                    for size, d in sorted(self.batches.items())
+                ],
+            }
 
 
 class LoadedModel:
@@ -58,6 +149,7 @@ class LoadedModel:
         self.batchers: dict[str, AdaptiveBatcher] = {}
         self.runtimes = {}
         self.in_flight = 0
+        self.stats = ModelStats()
         try:
             for backend in order:
                 labels = {"model": self.name, "version": self.version, "backend": backend}
@@ -65,7 +157,7 @@ class LoadedModel:
                 instances = [load_runtime(art, backend, config.threads) for _ in range(settings.instances)]
                 runtime = self.runtimes[backend] = instances[0]
                 self.batchers[backend] = AdaptiveBatcher(
-                    [r.run for r in instances],
+                    [self.stats.timed(r.run) for r in instances],
                     max_batch_size=settings.batch_max_size,
                     window_ms=settings.batch_window_ms,
                     labels=labels,
@@ -102,10 +194,15 @@ class LoadedModel:
         if batcher is None:
             raise InferenceError(503, f"model {self.name!r} version {self.version!r} was unloaded")
         self.in_flight += 1  # an unload waits for this to reach 0 before closing the batchers
+        start, ok = time.perf_counter_ns(), False
         try:
-            return await batcher.submit(inputs)
+            outputs = dict(await batcher.submit(inputs))
+            compute_ns = int(outputs.pop(_COMPUTE_NS)[0])
+            ok = True
+            return outputs
         finally:
             self.in_flight -= 1
+            self.stats.request(ok, time.perf_counter_ns() - start, compute_ns if ok else 0)
 
     def close(self) -> None:
         batchers, self.batchers = self.batchers, {}

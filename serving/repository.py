@@ -63,6 +63,8 @@ class ServedModel(Protocol):
         str
     ]  # loaded runtimes, default first: "onnxruntime", "onnxruntime-int8", "pytorch", "tensorrt"
     max_batch_size: int
+    labels: list[str]  # class names of a classifier's outputs ([] when it has none)
+    stats: Any  # serving.model.ModelStats: Triton-style statistics
     loaded_at: float  # time.time() when it finished loading
     in_flight: int  # requests inside infer() right now
     inputs: list[TensorSpec]
@@ -180,8 +182,10 @@ class ModelRepository:
 
         Model control (Triton's explicit mode): the new version is loaded beside the loaded ones, and
         requests switch to it in one assignment once it is ready, so none fails during the switch.
-        Loading a version that is already loaded makes it the default again. A load that fails records
-        the model as UNAVAILABLE only if no version of it is serving.
+        Loading a version that is already loaded by its version parameter makes it the default again;
+        loading one by name that turns out to be loaded already reloads it (Triton's reload: the fresh
+        copy takes the requests, the old one drains and closes). A load that fails records the model as
+        UNAVAILABLE only if no version of it is serving.
 
         Raises:
             InferenceError: 400 with the reason when the model cannot be loaded.
@@ -207,7 +211,10 @@ class ModelRepository:
                 raise InferenceError(400, f"{tag} loaded as {model.name!r}, not {name!r}")
             self.add(model)
             log.info("loaded %s:%s; it is now the default version of %s", name, model.version, name)
-            return model
+        old = loaded.get(model.version)
+        if old is not None:  # a reload: the old copy no longer gets requests
+            await self._drain_and_close(old)
+        return model
 
     async def unload(self, name: str, version: str = "", *, drain_seconds: float = 30.0) -> list[str]:
         """Unload every version of ``name`` (or one ``version``); returns the versions unloaded.
@@ -241,13 +248,17 @@ class ModelRepository:
             for v in gone:
                 self.unloaded[(name, v)] = ModelEntry(name, v, "UNAVAILABLE", "unloaded")
         for v in gone:
-            model = versions[v]
-            deadline = time.monotonic() + drain_seconds
-            while getattr(model, "in_flight", 0) and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            model.close()
+            await self._drain_and_close(versions[v], drain_seconds)
             log.info("unloaded %s:%s", name, v)
         return gone
+
+    @staticmethod
+    async def _drain_and_close(model: ServedModel, drain_seconds: float = 30.0) -> None:
+        """Wait (up to ``drain_seconds``) for the requests inside ``model`` to finish, then close it."""
+        deadline = time.monotonic() + drain_seconds
+        while model.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        model.close()
 
     def _lock(self) -> asyncio.Lock:
         if self._control is None:

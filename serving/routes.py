@@ -18,6 +18,7 @@ from typing import TypeVar
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln import __version__
 from serving.metrics import UNKNOWN_MODEL, record_request
@@ -36,7 +37,9 @@ def create_task_app(routers: list[APIRouter]) -> FastAPI:
 
     @app.exception_handler(InferenceError)
     async def _inference_error(request: Request, exc: InferenceError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        retry_after = getattr(exc, "retry_after", None)  # 429 from admission control
+        headers = {"Retry-After": retry_after} if retry_after else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -45,6 +48,12 @@ def create_task_app(routers: list[APIRouter]) -> FastAPI:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             problems.append(f"{where}: {err.get('msg', 'invalid')}")
         return JSONResponse({"error": "invalid request: " + "; ".join(problems)}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (unknown route, wrong method, a body it cannot parse) in Kiln's shape.
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -19,6 +19,7 @@ from serving.admission import Drain, DrainInterceptor, RequestLifecycleMiddlewar
 from serving.config import ServeConfig
 from serving.limits import BodyLimitMiddleware
 from serving.model import LoadedModel
+from serving.oip.control import admin_token
 from serving.oip.grpc_server import start_grpc_server
 from serving.oip.http import MountRootMiddleware, create_oip_app
 from serving.repository import ModelRepository
@@ -55,7 +56,10 @@ def _load_models() -> None:
 
 
 @bentoml.service(name="kiln", workers=CONFIG.workers, traffic={"timeout": 60})
-@bentoml.asgi_app(create_oip_app(REPOSITORY, max_request_bytes=CONFIG.max_request_bytes), path="/v2")
+@bentoml.asgi_app(
+    create_oip_app(REPOSITORY, max_request_bytes=CONFIG.max_request_bytes, admin_token=admin_token()),
+    path="/v2",
+)
 @bentoml.asgi_app(create_task_app(routers(REPOSITORY)), path="/")
 class Kiln:
     def __init__(self) -> None:
@@ -73,6 +77,7 @@ class Kiln:
                 port=CONFIG.grpc_port,
                 max_message_bytes=CONFIG.max_request_bytes,
                 share_port=CONFIG.workers > 1,  # each worker process serves gRPC on the same port
+                admin_token=admin_token(),
                 interceptors=[DrainInterceptor(DRAIN)],
             )
             log.info("gRPC Open Inference Protocol on %s:%d", CONFIG.host, CONFIG.grpc_port)

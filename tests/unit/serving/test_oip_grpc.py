@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import model_config_pb2 as triton_config_pb
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.utils import InferenceServerException
 
@@ -273,10 +274,17 @@ def test_typed_contents_datatype_mismatch(stub):
 
 
 def test_messages_are_wire_compatible_with_tritons(target):
-    """Every field of our messages has the same number, type and label in Triton's ``grpc_service.proto``."""
+    """Every field of our messages has the same number, type and label in Triton's ``grpc_service.proto``
+    (or ``model_config.proto`` for the model configuration), and every enum value the same number."""
     for message in pb.DESCRIPTOR.message_types_by_name.values():
-        triton_message = triton_pb.DESCRIPTOR.message_types_by_name[message.name]
+        triton_message = triton_pb.DESCRIPTOR.message_types_by_name.get(
+            message.name
+        ) or triton_config_pb.DESCRIPTOR.message_types_by_name.get(message.name)
+        assert triton_message is not None, f"{message.name} is in neither of Triton's protos"
         _assert_fields_match(message, triton_message)
+    for enum in pb.DESCRIPTOR.enum_types_by_name.values():
+        theirs = triton_config_pb.DESCRIPTOR.enum_types_by_name[enum.name]
+        assert {v.name: v.number for v in enum.values} == {v.name: v.number for v in theirs.values}
     ours = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     theirs = triton_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert ours.full_name == theirs.full_name == "inference.GRPCInferenceService"
