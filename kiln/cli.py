@@ -52,12 +52,13 @@ def train(
         _export(result.artifact.tag, None)
 
 
-def _export(tag: str, formats: list[str] | None) -> None:
+def _export(tag: str, formats: list[str] | None, max_loss: list[str] | None = None) -> None:
+    from export.gates import parse_max_loss
     from export.pipeline import ExportError, export_artifact
     from kiln.artifacts import ArtifactError
 
     try:
-        export_artifact(tag, formats, log=typer.echo)
+        export_artifact(tag, formats, log=typer.echo, max_loss=parse_max_loss(max_loss or []))
     except (ArtifactError, ExportError, ValueError) as exc:
         _fail(str(exc))
 
@@ -75,13 +76,24 @@ def export_cmd(
             "Default: every format of the model's task (TensorRT only on a GPU).",
         ),
     ] = None,
+    max_loss: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--max-loss",
+            help="Quality gate override, METRIC=VALUE, repeatable: how much of the fp32 graph's quality "
+            "an int8 graph or TensorRT engine may lose before it is discarded (never served). "
+            "Classifiers: val_accuracy (default 0.01). Diffusion: fid_digits (relative, default 0.2), "
+            "conditional_accuracy (default 0.05).",
+        ),
+    ] = None,
 ) -> None:
     """Export an artifact: ONNX (parity-checked), 8-bit PTQ graphs (QDQ), TensorRT fp16/int8 engines.
 
     Every format is stored under the artifact's model-store tag; its parity and quality (test accuracy,
-    FID-digits...) go into kiln.json.
+    FID-digits...) go into kiln.json. A derived graph that fails its quality gate is deleted and its
+    entry records why.
     """
-    _export(model, formats)
+    _export(model, formats, max_loss)
 
 
 @app.command()
