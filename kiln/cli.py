@@ -137,6 +137,42 @@ def serve(
             help="Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED.",
         ),
     ] = 8 * 1024 * 1024,
+    max_queue_size: Annotated[
+        int,
+        typer.Option(
+            envvar="KILN_MAX_QUEUE_SIZE",
+            min=1,
+            help="Admission control: most requests waiting per model and backend; more get HTTP 429 with "
+            "Retry-After / gRPC RESOURCE_EXHAUSTED at once (Triton's max_queue_size).",
+        ),
+    ] = 256,
+    max_queue_delay_ms: Annotated[
+        float,
+        typer.Option(
+            envvar="KILN_MAX_QUEUE_DELAY_MS",
+            min=0,
+            help="Admission control: longest a request may wait in a model's queue (estimated when it "
+            "arrives, enforced when its batch forms); past it, 429 / RESOURCE_EXHAUSTED. 0 = no bound.",
+        ),
+    ] = 1000.0,
+    drain_timeout_s: Annotated[
+        float,
+        typer.Option(
+            envvar="KILN_DRAIN_TIMEOUT_S",
+            min=0,
+            help="SIGTERM: longest wait for accepted requests to finish (the server is not ready and "
+            "refuses new requests meanwhile) before it exits anyway.",
+        ),
+    ] = 30.0,
+    model_config: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KILN_MODEL_CONFIG",
+            help="YAML or JSON file of per-model settings (backend, batch_max_size, batch_window_ms, "
+            "max_queue_size, max_queue_delay_ms, instances) by model name; the flags above are the "
+            "defaults. KILN_MODEL_SETTINGS takes the same mapping as inline JSON.",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(envvar="KILN_WORKERS", min=1, help="Server worker processes.")] = 1,
     generation_batching: Annotated[
         str,
@@ -172,10 +208,15 @@ def serve(
         "KILN_BATCH_MAX_SIZE": str(batch_max_size),
         "KILN_BATCH_WINDOW_MS": str(batch_window_ms),
         "KILN_MAX_REQUEST_BYTES": str(max_request_bytes),
+        "KILN_MAX_QUEUE_SIZE": str(max_queue_size),
+        "KILN_MAX_QUEUE_DELAY_MS": str(max_queue_delay_ms),
+        "KILN_DRAIN_TIMEOUT_S": str(drain_timeout_s),
         "KILN_WORKERS": str(workers),
         "KILN_GENERATION_BATCHING": generation_batching,
         "KILN_LOG_LEVEL": log_level,
     }
+    if model_config:
+        env["KILN_MODEL_CONFIG"] = os.path.abspath(model_config)
     os.environ.update(env)
     try:
         config = ServeConfig.from_env()

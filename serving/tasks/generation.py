@@ -54,7 +54,8 @@ class Generator(LoadedModel):
     task = "image-generation"
 
     def __init__(self, art, config):
-        super().__init__(art, config, batch_max_size=STEP_BATCH_ROWS if config.batch_max_size > 1 else 1)
+        batching = config.settings_for(art.name).batch_max_size > 1
+        super().__init__(art, config, batch_max_size=STEP_BATCH_ROWS if batching else 1)
         m = art.manifest
         self.schedule = NoiseSchedule(**m["schedule"])
         self.null_label = m["null_label"]
@@ -88,11 +89,14 @@ class Generator(LoadedModel):
 
         return eps
 
-    async def _run(self, loop, denoise) -> Any:
-        if self._exclusive is None:
-            return await arun_sampler(loop, denoise)
-        async with self._exclusive:
-            return await arun_sampler(loop, denoise)
+    async def _run(self, loop, denoise, backend: str) -> Any:
+        # Admission control: the request is admitted once against the denoiser batcher's bounds (sampling
+        # loops in progress or waiting count as its queue); its steps are then never refused half-way.
+        with self.batchers[backend].session():
+            if self._exclusive is None:
+                return await arun_sampler(loop, denoise)
+            async with self._exclusive:
+                return await arun_sampler(loop, denoise)
 
     def _labels(self, label: int | None, n: int) -> torch.Tensor | None:
         if label is None:
@@ -137,7 +141,7 @@ class Generator(LoadedModel):
             num_inference_steps=steps,
             generator=rng,
         )
-        result = await self._run(loop, self._denoiser(backend, sampler, disconnected))
+        result = await self._run(loop, self._denoiser(backend, sampler, disconnected), backend)
         scores = hallucination_score(result.x0_history, HALLUCINATION_WINDOW)
         images = result.images
         if filter_hallucinations:
@@ -160,7 +164,7 @@ class Generator(LoadedModel):
             self.null_label,
             num_inference_steps=steps,
         )
-        pair = await self._run(loop, self._denoiser(backend, "bdia", None))
+        pair = await self._run(loop, self._denoiser(backend, "bdia", None), backend)
         return pair.latent[0, 0].numpy(), pair.previous[0, 0].numpy()
 
     async def reconstruct(
@@ -184,7 +188,7 @@ class Generator(LoadedModel):
             self.null_label,
             num_inference_steps=steps,
         )
-        result = await self._run(loop, self._denoiser(backend, "bdia", None))
+        result = await self._run(loop, self._denoiser(backend, "bdia", None), backend)
         return ((result.images[0, 0] + 1.0) / 2.0).numpy()
 
 
