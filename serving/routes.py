@@ -10,6 +10,7 @@ model or version, and whatever status an :class:`~serving.repository.InferenceEr
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -88,3 +89,42 @@ def observed(protocol: str = "http") -> Iterator[dict[str, str]]:
         ok = True
     finally:
         record_request(**labels, protocol=protocol, ok=ok, seconds=time.perf_counter() - start)
+
+
+class OpenAPIVersionMiddleware:
+    """ASGI middleware that labels BentoML's ``/docs.json`` as the OpenAPI version its schemas are.
+
+    BentoML merges the mounted FastAPI apps' documents and labels the result OpenAPI 3.0.2, but FastAPI
+    (pydantic 2) writes JSON Schema 2020-12, i.e. OpenAPI 3.1 (``exclusiveMinimum: 0`` is a number
+    there, a boolean in 3.0), so a 3.0 validator rejects the document. This rewrites the label.
+    """
+
+    def __init__(self, app, path: str = "/docs.json", version: str = "3.1.0"):
+        self.app = app
+        self.path = path
+        self.version = version
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != self.path:
+            return await self.app(scope, receive, send)
+        start: dict = {}
+        body = bytearray()
+
+        async def buffered_send(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            payload = bytes(body)
+            if start.get("status") == 200:
+                document = json.loads(payload)
+                document["openapi"] = self.version
+                payload = json.dumps(document).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(payload)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+
+        await self.app(scope, receive, buffered_send)

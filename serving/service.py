@@ -23,7 +23,7 @@ from serving.oip.control import admin_token
 from serving.oip.grpc_server import start_grpc_server
 from serving.oip.http import MountRootMiddleware, create_oip_app
 from serving.repository import ModelRepository
-from serving.routes import create_task_app
+from serving.routes import OpenAPIVersionMiddleware, create_task_app
 from serving.tasks import load_model, routers
 
 log = logging.getLogger("kiln.serving")
@@ -57,7 +57,12 @@ def _load_models() -> None:
 
 @bentoml.service(name="kiln", workers=CONFIG.workers, traffic={"timeout": 60})
 @bentoml.asgi_app(
-    create_oip_app(REPOSITORY, max_request_bytes=CONFIG.max_request_bytes, admin_token=admin_token()),
+    create_oip_app(
+        REPOSITORY,
+        max_request_bytes=CONFIG.max_request_bytes,
+        admin_token=admin_token(),
+        model_examples=[tag.partition(":")[0] for tag in CONFIG.models],
+    ),
     path="/v2",
 )
 @bentoml.asgi_app(create_task_app(routers(REPOSITORY)), path="/")
@@ -94,3 +99,4 @@ class Kiln:
 Kiln.add_asgi_middleware(BodyLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
 Kiln.add_asgi_middleware(RequestLifecycleMiddleware, drain=DRAIN)
 Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/v2")  # GET /v2 answers, not 307 → /v2/
+Kiln.add_asgi_middleware(OpenAPIVersionMiddleware)  # /docs.json says which OpenAPI its schemas are

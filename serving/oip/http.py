@@ -76,6 +76,7 @@ def create_oip_app(
     server_name: str = "kiln",
     server_version: str = _KILN_VERSION,
     admin_token: str = "",
+    model_examples: list[str] | None = None,
 ) -> FastAPI:
     """Build the Open Inference Protocol HTTP app over ``repo``.
 
@@ -86,6 +87,7 @@ def create_oip_app(
         server_name: ``name`` in the server metadata.
         server_version: ``version`` in the server metadata.
         admin_token: Bearer token that model control (load/unload) requires; "" turns it off.
+        model_examples: Model names the OpenAPI document gives as examples of ``{name}``.
 
     Returns:
         A FastAPI app whose routes are relative to its mount point (``/v2``).
@@ -217,7 +219,9 @@ def create_oip_app(
             _guarded(handler),
             methods=[method],
             responses=responses,
-            openapi_extra=_operation_extra(path, doc.pop("body", None), doc.pop("admin", False)),
+            openapi_extra=_operation_extra(
+                path, doc.pop("body", None), doc.pop("admin", False), model_examples or []
+            ),
             response_class=JSONResponse,
             include_in_schema=True,
             operation_id=doc.pop("operation_id"),
@@ -340,16 +344,23 @@ def create_oip_app(
     return app
 
 
-def _operation_extra(path: str, body: type[BaseModel] | None, admin: bool) -> dict[str, Any]:
+def _operation_extra(
+    path: str, body: type[BaseModel] | None, admin: bool, model_examples: list[str]
+) -> dict[str, Any]:
     """OpenAPI for what FastAPI cannot see: path parameters, request bodies (parsed by the handlers),
     the admin token."""
-    extra: dict[str, Any] = {
-        "parameters": [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
-            for p in ("name", "version")
-            if "{" + p + "}" in path
-        ]
-    }
+    extra: dict[str, Any] = {"parameters": []}
+    for p in ("name", "version"):
+        if "{" + p + "}" in path:
+            parameter = {
+                "name": p,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "minLength": 1},
+            }
+            if p == "name" and model_examples:
+                parameter["examples"] = {m: {"value": m} for m in model_examples}
+            extra["parameters"].append(parameter)
     if path.endswith("/infer"):
         extra["parameters"].append(
             {

@@ -8,6 +8,9 @@ admin token) then switches vit-soft to a new version under load without a failed
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import httpx
 import numpy as np
@@ -98,3 +101,179 @@ def _gauge_present(metrics: str, name: str) -> bool:
     return any(
         line.startswith("kiln_model_ready{") and f'model="{name}"' in line for line in metrics.splitlines()
     )
+
+
+class _Load:
+    """Clients sending vit-soft inference requests in a loop (HTTP) until stopped; records every answer."""
+
+    def __init__(self, base: str, clients: int = 3):
+        self.base = base
+        self.answers: list[tuple[float, int, str]] = []  # (time, status, model_version or error)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def __enter__(self) -> _Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def _run(self, seed: int) -> None:
+        body = _request(1, seed)
+        with httpx.Client(base_url=self.base, timeout=30) as client:
+            while not self._stop.is_set():
+                r = client.post("/v2/models/vit-soft/infer", json=body)
+                what = r.json()["model_version"] if r.status_code == 200 else r.text
+                self.answers.append((time.monotonic(), r.status_code, what))
+
+
+def _admin(token: str = TOKEN) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_model_control_needs_the_token_on_both_protocols(lifecycle):
+    srv, _ = lifecycle
+    url = f"{srv.http}/v2/repository/models/vit-soft/load"
+    assert httpx.post(url).status_code == 401
+    assert httpx.post(url, headers=_admin("wrong")).status_code == 403
+    with grpc.insecure_channel(srv.grpc) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.RepositoryModelUnloadRequest(model_name="vit-soft")
+        for metadata, code in (
+            (None, grpc.StatusCode.UNAUTHENTICATED),
+            ((("authorization", "Bearer x"),), grpc.StatusCode.PERMISSION_DENIED),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.RepositoryModelUnload(request, metadata=metadata)
+            assert err.value.code() == code
+    assert httpx.get(f"{srv.http}/v2/models/vit-soft/ready").status_code == 200  # nothing was unloaded
+
+
+def test_new_version_loads_beside_the_old_and_takes_over_with_no_failed_request(lifecycle, kiln_home):
+    srv, first = lifecycle
+    copy_model(kiln_home, "vit-soft", srv.home, as_version=NEW_VERSION)  # the store's latest is now new
+    with _Load(srv.http) as load:
+        time.sleep(1.0)
+        loaded = httpx.post(f"{srv.http}/v2/repository/models/vit-soft/load", headers=_admin(), timeout=120)
+        switched = time.monotonic()
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json() == {"name": "vit-soft", "version": NEW_VERSION, "state": "READY"}
+        time.sleep(1.0)
+        body = {"parameters": {"version": first}}
+        unloaded = httpx.post(
+            f"{srv.http}/v2/repository/models/vit-soft/unload", headers=_admin(), json=body, timeout=60
+        )
+        assert unloaded.status_code == 200 and unloaded.json()["unloaded_versions"] == [first]
+        time.sleep(1.0)
+    failed = [a for a in load.answers if a[1] != 200]
+    assert not failed, failed[:5]
+    versions = [v for _, _, v in load.answers]
+    assert versions[0] == first and versions[-1] == NEW_VERSION
+    assert all(v == NEW_VERSION for t, _, v in load.answers if t > switched + 0.5)  # the default switched
+    assert len(load.answers) > 20
+
+    index = {(r["name"], r["version"]): r for r in httpx.post(f"{srv.http}/v2/repository/index").json()}
+    assert index[("vit-soft", NEW_VERSION)]["state"] == "READY"
+    assert (
+        index[("vit-soft", first)]["state"] == "UNAVAILABLE"
+        and index[("vit-soft", first)]["reason"] == "unloaded"
+    )
+    gone = httpx.post(f"{srv.http}/v2/models/vit-soft/versions/{first}/infer", json=_request())
+    assert gone.status_code == 503 and "unloaded" in gone.json()["error"]
+    metrics = httpx.get(f"{srv.http}/metrics").text
+    assert metric_total(metrics, "kiln_model_ready", model="vit-soft", version=first) == 0
+    assert (
+        metric_total(
+            metrics, "kiln_model_ready", model="vit-soft", version=NEW_VERSION, backend="onnxruntime"
+        )
+        == 1
+    )
+
+
+def test_a_failing_load_reports_why_and_unloading_the_broken_models_makes_the_server_ready(lifecycle):
+    srv, _ = lifecycle
+    again = httpx.post(f"{srv.http}/v2/repository/models/vit-corrupt/load", headers=_admin(), timeout=60)
+    assert again.status_code == 400 and "model.onnx" in again.json()["error"]
+    assert httpx.get(f"{srv.http}/v2/health/ready").status_code == 503
+    for name in ("vit-corrupt", "vit-missing"):
+        r = httpx.post(f"{srv.http}/v2/repository/models/{name}/unload", headers=_admin())
+        assert r.status_code == 200, r.text
+    assert httpx.get(f"{srv.http}/v2/health/ready").status_code == 200
+    index = {r["name"]: r for r in httpx.post(f"{srv.http}/v2/repository/index").json()}
+    assert index["vit-corrupt"]["reason"] == "unloaded"
+
+
+def test_tritonclient_http_and_grpc_every_advertised_call(lifecycle):
+    """Triton's own clients, every call they offer that Kiln advertises, against the real server."""
+    import queue
+
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    srv, _ = lifecycle
+    x = np.random.default_rng(1).random((2, 1, 32, 32), dtype=np.float32)
+    for module, client in (
+        (thttp, thttp.InferenceServerClient(srv.http_hostport)),
+        (tgrpc, tgrpc.InferenceServerClient(srv.grpc)),
+    ):
+        as_json = {"as_json": True} if module is tgrpc else {}
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("vit-soft")
+        meta = client.get_server_metadata(**as_json)
+        assert {"classification", "statistics", "model_repository"} <= set(meta["extensions"])
+        assert client.get_model_metadata("vit-soft", **as_json)["inputs"][0]["name"] == "input"
+        config = client.get_model_config("vit-soft", **as_json)
+        config = config.get("config", config)
+        assert int(config["max_batch_size"]) == 64 and config["input"][0]["data_type"] == "TYPE_FP32"
+        rows = client.get_model_repository_index(**as_json)
+        index = {m["name"]: m for m in (rows["models"] if module is tgrpc else rows)}
+        assert index["vit-soft"]["state"] == "READY"
+
+        inp = module.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        top = module.InferRequestedOutput("logits", class_count=3)
+        result = client.infer("vit-soft", [inp], outputs=[top], parameters={"backend": "pytorch"})
+        labels = result.as_numpy("logits")
+        assert labels.shape == (2, 3)
+        scores = [[float(v.decode().split(":")[0]) for v in row] for row in labels]
+        assert all(row == sorted(row, reverse=True) for row in scores)
+        plain = client.infer("vit-soft", [inp], parameters={"backend": "onnxruntime"}).as_numpy("logits")
+        assert [int(v.decode().split(":")[1]) for v in labels[:, 0]] == plain.argmax(1).tolist()
+
+        stats = client.get_inference_statistics("vit-soft", **as_json)["model_stats"]
+        assert int(stats[0]["inference_stats"]["success"]["count"]) >= 2
+        assert int(stats[0]["execution_count"]) >= 1
+
+        headers = {"authorization": f"Bearer {TOKEN}"}  # gRPC metadata keys are lowercase
+        client.load_model("vit-soft", headers=headers)  # a reload of the loaded version
+        assert client.is_model_ready("vit-soft")
+        with pytest.raises(Exception, match="admin token"):
+            client.unload_model("vit-soft")
+
+    # async and streaming (gRPC), standard health service
+    client = tgrpc.InferenceServerClient(srv.grpc)
+    done: queue.Queue = queue.Queue()
+    client.async_infer("vit-soft", [inp], callback=lambda result, error: done.put((result, error)))
+    result, error = done.get(timeout=30)
+    assert error is None and result.as_numpy("logits").shape == (2, 10)
+    client.start_stream(callback=lambda result, error: done.put((result, error)))
+    client.async_stream_infer("vit-soft", [inp])
+    client.async_stream_infer("no-such-model", [inp])
+    answers = [done.get(timeout=30) for _ in range(2)]
+    client.stop_stream()
+    assert answers[0][1] is None and answers[0][0].as_numpy("logits").shape == (2, 10)
+    assert answers[1][0] is None and "no-such-model" in str(answers[1][1])
+    with grpc.insecure_channel(srv.grpc) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService", "vit-soft"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING, service
+        status = health.Check(health_pb2.HealthCheckRequest(service="vit-corrupt")).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING  # unloaded
+        with pytest.raises(grpc.RpcError) as err:
+            health.Check(health_pb2.HealthCheckRequest(service="no-such-model"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
