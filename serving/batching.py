@@ -343,8 +343,8 @@ class AdaptiveBatcher:
             else:
                 self._drop(p, "cancelled")
                 continue
-            if batch and total + p.size > self.max_batch_size:
-                break
+            if batch and (total + p.size > self.max_batch_size or not _stackable(batch[0], p)):
+                break  # a request whose tensors cannot be concatenated with the batch's starts the next one
             self._queue.popleft()
             self._queue_gauge.dec()
             p.running = True
@@ -406,3 +406,14 @@ class AdaptiveBatcher:
                 p.future.set_exception(InferenceError(503, f"model {self._labels['model']!r} was unloaded"))
         self._queue.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _stackable(first: _Pending, other: _Pending) -> bool:
+    """Whether ``other``'s inputs concatenate with ``first``'s along the batch axis (same names, dtypes
+    and per-row shapes); models with variable-size dimensions get requests that do not."""
+    if first.inputs.keys() != other.inputs.keys():
+        return False
+    return all(
+        a.shape[1:] == b.shape[1:] and a.dtype == b.dtype
+        for a, b in ((first.inputs[k], other.inputs[k]) for k in first.inputs)
+    )
