@@ -104,7 +104,7 @@ def test_full_queue_gets_429_with_retry_after_on_http_routes(srv):
             task = [
                 c.post(f"{srv.http}/classify", json={"image": image, "model": "vit-soft"}) for _ in range(30)
             ]
-            return await asyncio.gather(*oip, *task)
+            return [*await asyncio.gather(*oip), *await asyncio.gather(*task)]  # one route, then the other
 
     responses = asyncio.run(scenario())
     statuses = [r.status_code for r in responses]
