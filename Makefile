@@ -46,6 +46,7 @@ lint: install
 bench: install
 	$(VENV)/bin/kiln bench vit
 	$(VENV)/bin/kiln bench diffusion
+	$(VENV)/bin/kiln bench serving
 
 proto: install
 	$(PY) -m serving.oip.proto.generate

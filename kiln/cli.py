@@ -321,8 +321,9 @@ def bench(
     suite: Annotated[
         str,
         typer.Argument(
-            help="Benchmark suite: vit (attention, runtimes, serving) or diffusion (samplers, PTQ4DM int8, "
-            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing)."
+            help="Benchmark suite: vit (attention, runtimes, serving), diffusion (samplers, PTQ4DM int8, "
+            "hallucination filter; trains and exports diffusion-digits and vit-soft if missing) or serving "
+            "(capacity, then overload at 4x capacity: admitted latency, 429s, 5xx)."
         ),
     ] = "vit",
     quick: Annotated[
@@ -331,7 +332,7 @@ def bench(
     output: Annotated[str, typer.Option(help="Markdown file to update.")] = "BENCHMARKS.md",
 ) -> None:
     """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""
-    suites = ("vit", "diffusion")
+    suites = ("vit", "diffusion", "serving")
     if suite not in suites:
         _fail(f"unknown benchmark suite {suite!r}; valid: {', '.join(suites)}")
     import importlib
