@@ -160,3 +160,27 @@ def test_an_engine_built_from_a_discarded_graph_is_refused(artifact, monkeypatch
     monkeypatch.setattr("export.pipeline.tensorrt_status", lambda: (True, ""))
     with pytest.raises(ExportError, match="failed its quality gate"):
         export_artifact(artifact.tag, ["int8-trt"], log=lambda _: None, progress=False)
+
+
+@pytest.mark.gpu
+def test_a_tensorrt_engine_is_gated_on_quality_measured_through_the_engine(artifact):
+    """The gate measures an engine by running it (export.tensorrt.EngineSession), not its source graph."""
+    from kiln.accelerators import tensorrt_status
+    from serving.runtime import TensorRTRuntime
+
+    ok, reason = tensorrt_status()
+    if not ok:
+        pytest.skip(reason)
+    export_artifact(artifact.tag, ["fp16-trt"], progress=False, max_loss={"val_accuracy": MAX_LOSS})
+    art = get_artifact(artifact.tag)
+    entry = art.export("fp16-trt")
+    assert entry["gate"]["passed"], entry["gate"]
+    x, y = split_inputs("val", TINY.image_size)
+    served = TensorRTRuntime(art, "tensorrt-fp16").run({"input": x})["logits"]
+    assert entry["val_accuracy"] == pytest.approx(float((served.argmax(1) == y).mean()))
+    assert available_backends(art)["tensorrt-fp16"] == ""
+
+    export_artifact(artifact.tag, ["fp16-trt"], progress=False, max_loss={"val_accuracy": -1.0})
+    art = get_artifact(artifact.tag)
+    assert "discarded" in art.export("fp16-trt") and not list(art.path.glob("*.fp16.plan*"))
+    assert "quality gate" in available_backends(art)["tensorrt-fp16"]
