@@ -236,6 +236,10 @@ def serve(
         host,
         "--port",
         str(http_port),
+        # After the SIGTERM drain (serving.admission) nothing accepted is in flight; uvicorn's own wait
+        # for connections is then bounded so a stale one cannot hold the exit.
+        "--timeout-graceful-shutdown",
+        "5",
     ]
     os.execv(sys.executable, cmd)
 
