@@ -132,9 +132,13 @@ class RequestLifecycleMiddleware:
                 body_read.set()
             return message
 
+        started = False
+
         async def app_send(message: dict[str, Any]) -> None:
-            nonlocal complete
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            nonlocal complete, started
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
             await send(message)
 
@@ -159,9 +163,15 @@ class RequestLifecycleMiddleware:
         finally:
             watcher.cancel()
         if app_task.cancelled():
-            if gone.is_set():
-                return  # nobody to answer
-            raise asyncio.CancelledError
+            if not gone.is_set():
+                raise asyncio.CancelledError
+            if not started:
+                # Nobody reads it, but it ends the request for the layers around us (BentoML's timeout
+                # middleware would otherwise hold it for its whole timeout) and the access log says why:
+                # 499, nginx's "client closed request".
+                await send({"type": "http.response.start", "status": 499, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+            return
         app_task.result()  # re-raise what the app raised
 
 
