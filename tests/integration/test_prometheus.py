@@ -327,3 +327,22 @@ def test_every_dashboard_query_returns_data(kiln, prometheus, traffic):
         if not prometheus.query(live):
             empty.append(expr)
     assert not empty, f"dashboard queries with no data against a live server: {empty}"
+
+
+def test_the_autoscaling_metrics_prometheus_adapter_serves_answer(kiln, prometheus, traffic):
+    """prometheus-adapter's queries (k8s/monitoring/prometheus-adapter-values.yaml), with its template filled
+    in as for this one scrape target (a cluster fills in namespace and pod), return a number per target."""
+    values = yaml.safe_load((MONITORING / "prometheus-adapter-values.yaml").read_text())
+    prometheus.wait_for("sum(rate(kiln_inference_queue_seconds_count[1m]))", bool)
+    for rule in values["rules"]["custom"]:
+        query = (
+            rule["metricsQuery"]
+            .replace("<<.LabelMatchers>>", 'job="kiln"')
+            .replace("<<.GroupBy>>", "instance")
+        )
+        result = prometheus.query(query)
+        assert [s["metric"] for s in result] == [{"instance": kiln.http_hostport}], (
+            rule["name"]["as"],
+            result,
+        )
+        assert math.isfinite(float(result[0]["value"][1])) and float(result[0]["value"][1]) >= 0
