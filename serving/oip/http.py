@@ -59,8 +59,7 @@ EXTENSIONS = [
     "binary_tensor_data",
     "classification",
     "model_configuration",
-    "model_repository",
-    "model_repository(unload_dependents)",
+    "model_repository",  # unload_dependents is accepted and moot: no Kiln model depends on another
     "statistics",
 ]
 _HEADER_LENGTH = "inference-header-content-length"  # binary tensor extension: bytes of JSON before the data

@@ -16,38 +16,11 @@ import httpx
 import numpy as np
 import pytest
 from modelstore import copy_model
-from serverproc import metric_total, start_server, stop_server
+from opsserver import NEW_VERSION, TOKEN
+from serverproc import metric_total
 
 from serving.oip.proto import grpc_predict_v2_pb2 as pb
 from serving.oip.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-
-TOKEN = "lifecycle-test-token"
-NEW_VERSION = "zzzznewversion01"  # sorts after BentoML's generated versions; 16 characters like them
-
-
-@pytest.fixture(scope="module")
-def lifecycle(server, kiln_home, tmp_path_factory):
-    """(server, vit-soft's first version) for a server with one good and two broken models."""
-    home = tmp_path_factory.mktemp("lifecycle-home")
-    first = copy_model(kiln_home, "vit-soft", home).name
-    corrupt = copy_model(kiln_home, "vit-soft", home, as_name="vit-corrupt")
-    (corrupt / "model.onnx").write_bytes(b"\x08\x07 this is not an ONNX graph")
-    missing = copy_model(kiln_home, "vit-soft", home, as_name="vit-missing")
-    (missing / "model.int8.onnx").unlink()
-    srv = start_server(
-        home,
-        "--no-train",
-        "--models",
-        f"vit-soft:{first},vit-corrupt,vit-missing",
-        "--batch-window-ms",
-        "2",
-        env={"KILN_ADMIN_TOKEN": TOKEN, "KILN_THREADS": "1"},
-        ready_path="/v2/health/live",
-        timeout=180,
-    )
-    srv.home = home
-    yield srv, first
-    stop_server(srv.process)
 
 
 def _request(n: int = 1, seed: int = 0) -> dict:
@@ -57,8 +30,8 @@ def _request(n: int = 1, seed: int = 0) -> dict:
     }
 
 
-def test_bad_artifacts_are_unavailable_with_reasons_and_others_serve(lifecycle):
-    srv, first = lifecycle
+def test_bad_artifacts_are_unavailable_with_reasons_and_others_serve(ops_server):
+    srv, first = ops_server
     base = srv.http
     ready = httpx.get(f"{base}/v2/health/ready")
     assert ready.status_code == 503  # strict readiness: configured models failed
@@ -135,8 +108,8 @@ def _admin(token: str = TOKEN) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_model_control_needs_the_token_on_both_protocols(lifecycle):
-    srv, _ = lifecycle
+def test_model_control_needs_the_token_on_both_protocols(ops_server):
+    srv, _ = ops_server
     url = f"{srv.http}/v2/repository/models/vit-soft/load"
     assert httpx.post(url).status_code == 401
     assert httpx.post(url, headers=_admin("wrong")).status_code == 403
@@ -153,8 +126,8 @@ def test_model_control_needs_the_token_on_both_protocols(lifecycle):
     assert httpx.get(f"{srv.http}/v2/models/vit-soft/ready").status_code == 200  # nothing was unloaded
 
 
-def test_new_version_loads_beside_the_old_and_takes_over_with_no_failed_request(lifecycle, kiln_home):
-    srv, first = lifecycle
+def test_new_version_loads_beside_the_old_and_takes_over_with_no_failed_request(ops_server, kiln_home):
+    srv, first = ops_server
     copy_model(kiln_home, "vit-soft", srv.home, as_version=NEW_VERSION)  # the store's latest is now new
     with _Load(srv.http) as load:
         time.sleep(1.0)
@@ -194,8 +167,8 @@ def test_new_version_loads_beside_the_old_and_takes_over_with_no_failed_request(
     )
 
 
-def test_a_failing_load_reports_why_and_unloading_the_broken_models_makes_the_server_ready(lifecycle):
-    srv, _ = lifecycle
+def test_a_failing_load_reports_why_and_unloading_the_broken_models_makes_the_server_ready(ops_server):
+    srv, _ = ops_server
     again = httpx.post(f"{srv.http}/v2/repository/models/vit-corrupt/load", headers=_admin(), timeout=60)
     assert again.status_code == 400 and "model.onnx" in again.json()["error"]
     assert httpx.get(f"{srv.http}/v2/health/ready").status_code == 503
@@ -207,7 +180,7 @@ def test_a_failing_load_reports_why_and_unloading_the_broken_models_makes_the_se
     assert index["vit-corrupt"]["reason"] == "unloaded"
 
 
-def test_tritonclient_http_and_grpc_every_advertised_call(lifecycle):
+def test_tritonclient_http_and_grpc_every_advertised_call(ops_server):
     """Triton's own clients, every call they offer that Kiln advertises, against the real server."""
     import queue
 
@@ -215,7 +188,7 @@ def test_tritonclient_http_and_grpc_every_advertised_call(lifecycle):
     import tritonclient.http as thttp
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    srv, _ = lifecycle
+    srv, _ = ops_server
     x = np.random.default_rng(1).random((2, 1, 32, 32), dtype=np.float32)
     for module, client in (
         (thttp, thttp.InferenceServerClient(srv.http_hostport)),

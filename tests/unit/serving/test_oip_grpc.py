@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from serving.oip import grpc_server
 from serving.oip.proto import grpc_predict_v2_pb2 as pb
 from serving.oip.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from serving.repository import InferenceError
 
 MAX_MESSAGE = 64 * 1024
 X = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]], dtype=np.float32)
@@ -311,3 +312,12 @@ def test_start_rejects_bad_settings_and_busy_port(module_repo, target):
         asyncio.run(start(port=0, max_message_bytes=0))
     with pytest.raises(RuntimeError):
         asyncio.run(start(port=int(target.rsplit(":", 1)[1]), max_message_bytes=1024))
+
+
+def test_server_side_failures_are_internal_not_unknown():
+    """InferenceError statuses without a gRPC counterpart (500 from a failed batch, anything unmapped)
+    are INTERNAL; the client-error ones keep theirs."""
+    assert grpc_server._status_code(InferenceError(500, "inference failed")) == grpc.StatusCode.INTERNAL
+    assert grpc_server._status_code(InferenceError(418, "?")) == grpc.StatusCode.INTERNAL
+    assert grpc_server._status_code(InferenceError(401, "token")) == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_server._status_code(InferenceError(403, "token")) == grpc.StatusCode.PERMISSION_DENIED
