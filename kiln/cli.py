@@ -286,7 +286,11 @@ def models_list(
     for a in arts:
         acc = a.manifest.get("metrics", {}).get("test_accuracy")
         acc_s = f"{acc:.4f}" if acc is not None else "-"
-        exports = ",".join(a.manifest.get("exports", {})) or "-"
+        exports = ",".join(
+            fmt + ("(discarded)" if "discarded" in entry else "")
+            for fmt, entry in a.manifest.get("exports", {}).items()
+        )
+        exports = exports or "-"
         typer.echo(f"{a.tag:<34} {a.manifest.get('architecture', '?'):<20} {acc_s:>8}  {exports}")
 
 
