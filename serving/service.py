@@ -52,7 +52,8 @@ def _load_models() -> None:
             reason = f"{type(exc).__name__}: {exc}"
             log.error("model %s is UNAVAILABLE: %s", tag, reason)
             REPOSITORY.fail(name, version, reason)
-            metrics.MODEL_READY.labels(model=name, version=version, backend=CONFIG.backend).set(0)
+            backend = CONFIG.settings_for(name).backend  # the one it would have served on first
+            metrics.MODEL_READY.labels(model=name, version=version, backend=backend).set(0)
 
 
 @bentoml.service(name="kiln", workers=CONFIG.workers, traffic={"timeout": 60})
