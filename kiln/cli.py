@@ -155,6 +155,15 @@ def serve(
             "arrives, enforced when its batch forms); past it, 429 / RESOURCE_EXHAUSTED. 0 = no bound.",
         ),
     ] = 1000.0,
+    max_in_flight: Annotated[
+        int,
+        typer.Option(
+            envvar="KILN_MAX_IN_FLIGHT",
+            min=0,
+            help="Admission control at the edge: most requests in progress per worker (HTTP + gRPC); more "
+            "get 429 / RESOURCE_EXHAUSTED before their body is read. 0 = no bound.",
+        ),
+    ] = 512,
     drain_timeout_s: Annotated[
         float,
         typer.Option(
@@ -211,6 +220,7 @@ def serve(
         "KILN_MAX_QUEUE_SIZE": str(max_queue_size),
         "KILN_MAX_QUEUE_DELAY_MS": str(max_queue_delay_ms),
         "KILN_DRAIN_TIMEOUT_S": str(drain_timeout_s),
+        "KILN_MAX_IN_FLIGHT": str(max_in_flight),
         "KILN_WORKERS": str(workers),
         "KILN_GENERATION_BATCHING": generation_batching,
         "KILN_LOG_LEVEL": log_level,

@@ -58,12 +58,33 @@ _EXEMPT_METHODS = ("ServerLive", "ServerReady", "ModelReady", "Check", "Watch")
 
 
 class Drain:
-    """Whether the server is draining, and how many requests are in flight (HTTP and gRPC)."""
+    """Whether the server is draining, and how many requests are in flight (HTTP and gRPC).
 
-    def __init__(self) -> None:
+    ``max_in_flight`` (0 = none) bounds the requests in progress in this worker at the edge, before a
+    body is read: past it a request gets 429 / RESOURCE_EXHAUSTED at once. The models' queues bound the
+    work waiting for a runtime; this bounds the work waiting for the front-end itself (parsing and
+    decoding on the event loop), which is where requests pile up when the CPU is the bottleneck.
+    """
+
+    def __init__(self, max_in_flight: int = 0) -> None:
         self.draining = False
         self.in_flight = 0
+        self.max_in_flight = max_in_flight
         self.started: float | None = None
+
+    def full(self) -> bool:
+        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+            metrics.REJECTED.labels(
+                model=metrics.UNKNOWN_MODEL, version="", backend="", reason="server_in_flight"
+            ).inc()
+            return True
+        return False
+
+    def overloaded(self) -> str:
+        return (
+            f"server is overloaded: {self.in_flight} requests in progress (max_in_flight "
+            f"{self.max_in_flight}); retry later"
+        )
 
     def begin(self) -> None:
         if not self.draining:
@@ -111,6 +132,16 @@ class RequestLifecycleMiddleware:
                 (b"connection", b"close"),
             ]
             await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if scope.get("path", "") not in _EXEMPT_PATHS and self.drain.full():
+            body = json.dumps({"error": self.drain.overloaded()}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+            ]
+            await send({"type": "http.response.start", "status": 429, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
         with self.drain.track():
@@ -198,6 +229,8 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request, context: grpc.aio.ServicerContext):
                 if drain.draining and not exempt:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, drain.refusal())
+                if not exempt and drain.full():
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, drain.overloaded())
                 with drain.track(), request_timeout(context.time_remaining()):
                     return await inner(request, context)
 

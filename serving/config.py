@@ -140,6 +140,9 @@ class ServeConfig:
     max_queue_delay_ms: float = 1000.0
     # SIGTERM: longest the server waits for accepted requests before it exits anyway.
     drain_timeout_s: float = 30.0
+    # Requests in progress per worker (HTTP + gRPC) before the edge answers 429 without reading the body;
+    # 0 = no bound. 512 = two default model queues' worth.
+    max_in_flight: int = 512
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> overrides
 
     def settings_for(self, model: str) -> ModelSettings:
@@ -194,6 +197,7 @@ class ServeConfig:
             max_queue_size=_number("KILN_MAX_QUEUE_SIZE", 256, 1),
             max_queue_delay_ms=_number("KILN_MAX_QUEUE_DELAY_MS", 1000.0, 0.0, float),
             drain_timeout_s=_number("KILN_DRAIN_TIMEOUT_S", 30.0, 0.0, float),
+            max_in_flight=_number("KILN_MAX_IN_FLIGHT", 512, 0),
             model_settings=load_model_settings(
                 os.environ.get("KILN_MODEL_CONFIG"), os.environ.get("KILN_MODEL_SETTINGS")
             ),

@@ -32,7 +32,9 @@ CONFIG = ServeConfig.from_env()
 for _name in ("kiln", "serving"):  # Kiln's loggers: kiln.* and the protocol front-ends (serving.oip.*)
     logging.getLogger(_name).setLevel(CONFIG.log_level)
 REPOSITORY = ModelRepository()
-DRAIN = Drain()  # SIGTERM: not ready at once, new requests refused, accepted ones finish (serving.admission)
+# SIGTERM: not ready at once, new requests refused, accepted ones finish; the edge in-flight bound
+# (serving.admission).
+DRAIN = Drain(CONFIG.max_in_flight)
 
 
 def _load(tag: str) -> LoadedModel:

@@ -307,3 +307,44 @@ def test_middleware_refuses_new_requests_while_draining_but_answers_health():
     status, body = asyncio.run(call("/v2/models/vit-soft/infer"))
     assert status == 503 and b"shutting down" in body
     assert asyncio.run(call("/v2/health/live"))[0] == 200
+
+
+def test_edge_bound_refuses_past_max_in_flight_before_reading_the_body():
+    release = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    drain = Drain(max_in_flight=2)
+    middleware = RequestLifecycleMiddleware(app, drain)
+
+    async def call():
+        sent = []
+        reads = 0
+
+        async def receive():
+            nonlocal reads
+            reads += 1
+            if reads > 1:
+                await asyncio.sleep(10)
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await middleware({"type": "http", "path": "/v2/models/m/infer"}, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), reads
+
+    async def scenario():
+        first = [asyncio.ensure_future(call()) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        refused = await call()
+        release.set()
+        return refused, await asyncio.gather(*first)
+
+    (status, headers, reads), served = asyncio.run(scenario())
+    assert status == 429 and headers[b"retry-after"] == b"1" and reads == 0
+    assert [s for s, _, _ in served] == [200, 200]
