@@ -44,3 +44,19 @@ def test_report_says_missed_when_overload_is_not_contained():
     text = _markdown(_results(5000.0, 400.0, 2), Path("serving.json"))
     assert text.count("**MISSED**") == 3
     assert "429, 500" in text
+
+
+def test_histogram_quantile_reads_the_bucket_holding_the_quantile():
+    from benchmarks.serving import histogram_quantile
+
+    def scrape(counts):
+        return "\n".join(
+            f'kiln_x_bucket{{model="m",le="{le}"}} {c}'
+            for le, c in zip(("0.1", "1.0", "+Inf"), counts, strict=True)
+        )
+
+    before, after = scrape((5, 5, 5)), scrape((95, 104, 105))  # 100 new: 90 ≤ 0.1 s, 9 ≤ 1 s, 1 above
+    assert histogram_quantile(before, after, "kiln_x", 0.5, model="m") == 0.1
+    assert histogram_quantile(before, after, "kiln_x", 0.95, model="m") == 1.0
+    assert histogram_quantile(before, after, "kiln_x", 0.999, model="m") == float("inf")
+    assert histogram_quantile(before, before, "kiln_x", 0.5, model="m") is None
