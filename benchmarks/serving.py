@@ -91,10 +91,14 @@ async def overload(http: str, rate: float, duration_s: float) -> dict[str, Any]:
             tasks.append(asyncio.create_task(one()))
         sent_s = time.perf_counter() - start
         await asyncio.gather(*tasks)
+        wall_s = time.perf_counter() - start  # until the last answer
     ok = [s for code, s in outcomes if code == 200]
     rejected = [s for code, s in outcomes if code == 429]
     server_errors = sum(1 for code, _ in outcomes if isinstance(code, int) and code >= 500)
-    other = sorted({str(code) for code, _ in outcomes if code not in (200, 429)})
+    other: dict[str, int] = {}
+    for code, _ in outcomes:
+        if code not in (200, 429):
+            other[str(code)] = other.get(str(code), 0) + 1
 
     def ms(values: list[float], q: float) -> float | None:
         return percentile(values, q) * 1e3 if values else None
@@ -107,7 +111,8 @@ async def overload(http: str, rate: float, duration_s: float) -> dict[str, Any]:
         "rejected_429": len(rejected),
         "server_errors_5xx": server_errors,
         "other_outcomes": other,
-        "admitted_per_s": len(ok) / duration_s,
+        "wall_s": wall_s,
+        "admitted_per_s": len(ok) / wall_s,
         "admitted_ms_p50": ms(ok, 50),
         "admitted_ms_p99": ms(ok, 99),
         "admitted_ms_max": max(ok) * 1e3 if ok else None,
@@ -273,7 +278,7 @@ def _markdown(results: dict[str, Any], json_path: Path) -> str:
                     ov["rejected_429"],
                     fmt(ov["rejected_ms_p99"]),
                     ov["server_errors_5xx"],
-                    ", ".join(ov["other_outcomes"]) or "-",
+                    ", ".join(f"{k} × {v}" for k, v in ov["other_outcomes"].items()) or "-",
                 ],
             ],
         ),
