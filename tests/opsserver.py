@@ -1,4 +1,4 @@
-"""The operations tests' own server (tests/integration/conftest.py's ``ops_server`` fixture).
+"""The operations tests' own server (the ``ops_server`` fixture of tests/integration/test_lifecycle.py).
 
 Its store holds copies of the session's trained vit-soft: the model itself (pinned to its version),
 one copy whose ONNX graph is corrupt and one whose int8 graph file is missing, so isolation, model
