@@ -96,14 +96,17 @@ class ModelRepository:
     serving. :meth:`unload` (model control) leaves an UNAVAILABLE row with the reason "unloaded".
 
     Readiness is strict, as Triton's default ``--strict-readiness=true``: the server is ready when at
-    least one model is loaded, every loaded model is ready and no model the server was asked to serve
-    failed to load. A model an operator unloaded on purpose does not make the server unready. Per-model
+    least one model is loaded, every loaded model is ready and no model the server was configured to
+    serve failed to load. A model an operator unloaded on purpose does not make the server unready, nor
+    does a model-control load that failed (a typo must not take a serving replica out of rotation);
+    that failure is in the index with its reason. Per-model
     readiness (``/v2/models/{m}/ready``, gRPC ModelReady, the ``kiln_model_ready`` gauge) says which.
     """
 
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> version -> ServedModel
     default_versions: dict[str, str] = field(default_factory=dict)
     failed: dict[str, ModelEntry] = field(default_factory=dict)  # name -> why its load failed
+    _blocking: set[str] = field(default_factory=set, repr=False)  # failed configured models
     unloaded: dict[tuple[str, str], ModelEntry] = field(default_factory=dict)
     # Set by the service: loads a model-store tag (NAME or NAME:VERSION) as a served model (blocking).
     loader: Callable[[str], Any] | None = None
@@ -117,11 +120,14 @@ class ModelRepository:
         if default or model.name not in self.default_versions:
             self.default_versions[model.name] = model.version
         self.failed.pop(model.name, None)
+        self._blocking.discard(model.name)
         self.unloaded.pop((model.name, model.version), None)
 
-    def fail(self, name: str, version: str, reason: str) -> None:
+    def fail(self, name: str, version: str, reason: str, *, configured: bool = True) -> None:
         """Record that ``name`` (``version``, "" when not known) could not be loaded, and why."""
         self.failed[name] = ModelEntry(name, version, "UNAVAILABLE", reason)
+        if configured:  # a model the server was started with: not ready until it loads or is unloaded
+            self._blocking.add(name)
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         """Look a model up; raises :class:`InferenceError` 404 naming what exists, 503 if UNAVAILABLE."""
@@ -168,8 +174,9 @@ class ModelRepository:
         """None when ready, else what keeps the server from being ready."""
         if self.draining:
             return "the server is shutting down (draining after SIGTERM)"
-        if self.failed:
-            return "; ".join(f"model {e.name!r} is UNAVAILABLE: {e.reason}" for e in self.failed.values())
+        blocking = [e for e in self.failed.values() if e.name in self._blocking]
+        if blocking:
+            return "; ".join(f"model {e.name!r} is UNAVAILABLE: {e.reason}" for e in blocking)
         if not self.models:
             return "no model is loaded"
         waiting = sorted(
@@ -204,7 +211,7 @@ class ModelRepository:
                 reason = f"{type(exc).__name__}: {exc}"
                 log.error("loading %s failed: %s", tag, reason)
                 if not loaded:
-                    self.fail(name, version, reason)
+                    self.fail(name, version, reason, configured=name in self._blocking)
                 raise InferenceError(400, f"failed to load {tag}: {reason}") from None
             if model.name != name:
                 model.close()
@@ -228,6 +235,7 @@ class ModelRepository:
         async with self._lock():
             versions = dict(self.models.get(name, {}))
             if not versions:
+                self._blocking.discard(name)
                 if self.failed.pop(name, None) is not None:
                     self.unloaded[(name, "")] = ModelEntry(name, "", "UNAVAILABLE", "unloaded")
                     return []

@@ -101,14 +101,24 @@ def test_reload_replaces_the_loaded_copy_and_closes_the_old_one():
     assert second is not first and first.closed and repo.get("m") is second
 
 
-def test_failed_load_keeps_the_serving_version_and_reports_why():
+def test_failed_control_load_is_reported_but_does_not_unready_the_server():
     repo = ModelRepository(loader=_loader({}))
+    repo.add(Double("good", "1"))
     with pytest.raises(InferenceError) as err:
         asyncio.run(repo.load("broken"))
     assert err.value.status == 400 and "protobuf parsing failed" in err.value.message
-    assert not repo.ready() and repo.failed["broken"].reason.endswith("protobuf parsing failed")
-    asyncio.run(repo.unload("broken"))  # an operator gives up on it: the server is ready again
+    assert repo.failed["broken"].reason.endswith("protobuf parsing failed")
+    assert repo.ready()  # an operator's failed load does not take the replica out of rotation
+
+
+def test_configured_model_that_failed_blocks_readiness_until_unloaded():
+    repo = ModelRepository(loader=_loader({}))
     repo.add(Double("good", "1"))
+    repo.fail("broken", "", "RuntimeError: model.onnx: protobuf parsing failed")  # at start-up
+    with pytest.raises(InferenceError):
+        asyncio.run(repo.load("broken"))  # retried by an operator, fails again
+    assert not repo.ready()
+    asyncio.run(repo.unload("broken"))  # the operator gives up on it: the server is ready again
     assert repo.ready() and [e.reason for e in repo.index() if e.name == "broken"] == ["unloaded"]
 
 
