@@ -348,3 +348,22 @@ def test_edge_bound_refuses_past_max_in_flight_before_reading_the_body():
     (status, headers, reads), served = asyncio.run(scenario())
     assert status == 429 and headers[b"retry-after"] == b"1" and reads == 0
     assert [s for s, _, _ in served] == [200, 200]
+
+
+def test_kiln_serve_stops_at_a_bad_model_config_with_the_fix(tmp_path):
+    import os
+
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    bad = tmp_path / "models.yaml"
+    bad.write_text("vit-soft:\n  instances: 0\n")
+    saved = dict(os.environ)
+    try:
+        result = CliRunner().invoke(app, ["serve", "--no-train", "--model-config", str(bad)])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert result.exit_code == 1
+    assert "vit-soft" in result.output and "instances=0 must be >= 1" in result.output
