@@ -367,3 +367,42 @@ def test_soak_at_70_percent_of_capacity_no_failures_no_memory_growth(ops_server)
         f"resident memory grew {growth:.1%} ({before / 2**20:.0f} → {after / 2**20:.0f} MiB)"
     )
     assert server.process.poll() is None
+
+
+def test_schemathesis_fuzz_of_model_control_with_the_token(ops_server, tmp_path):
+    """The admin operations with a valid token, fuzzed (names, versions, bodies): no 5xx. Last: it may
+    unload anything."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    srv, _ = ops_server
+    cmd = [
+        str(Path(sys.executable).with_name("st")),
+        "run",
+        f"{srv.http}/docs.json",
+        "--include-path-regex",
+        "/repository/",
+        "--checks",
+        "not_a_server_error",
+        "--phases",
+        "examples,fuzzing",
+        "--max-examples",
+        "10",
+        "--max-time",
+        "20",
+        "--seed",
+        "7",
+        "--request-timeout",
+        "60",
+        "--generation-database",
+        "none",
+        "-H",
+        f"Authorization: Bearer {TOKEN}",
+        "--no-color",
+    ]
+    run = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert srv.process.poll() is None
+    assert httpx.get(f"{srv.http}/v2/health/live").status_code == 200
