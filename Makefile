@@ -48,6 +48,7 @@ bench: install
 	$(VENV)/bin/kiln bench diffusion
 	$(VENV)/bin/kiln bench forecast
 	$(VENV)/bin/kiln bench retrieval
+	$(VENV)/bin/kiln bench serving
 
 proto: install
 	$(PY) -m serving.oip.proto.generate

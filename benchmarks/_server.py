@@ -33,20 +33,29 @@ class Server:
         return self.log_path.read_text(errors="replace")[-6000:]
 
 
-def start_server(home: Path, *extra: str, timeout: float = 900, log_dir: Path | None = None) -> Server:
-    """Run ``kiln serve`` as its own process on free ports; returns once /v2/health/ready answers 200.
+def start_server(
+    home: Path,
+    *extra: str,
+    timeout: float = 900,
+    log_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/v2/health/ready",
+) -> Server:
+    """Run ``kiln serve`` as its own process on free ports; returns once ``ready_path`` answers 200.
 
     Args:
         home: KILN_HOME of the server (its model store).
         extra: further ``kiln serve`` arguments.
         timeout: seconds to wait for readiness (a first run on an empty store trains models).
         log_dir: where the server's log goes (default: ``home``).
+        env: further environment variables for the server.
+        ready_path: what to wait for (``/v2/health/live`` for a server that is not meant to be ready).
     """
     import httpx
 
     http_port, grpc_port = free_port(), free_port()
     log_path = Path(log_dir or home) / f"server-{http_port}.log"
-    env = {**os.environ, "KILN_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(env or {}), "KILN_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
         "-m",
@@ -69,7 +78,7 @@ def start_server(home: Path, *extra: str, timeout: float = 900, log_dir: Path | 
         if proc.poll() is not None:
             raise RuntimeError(f"kiln serve exited with {proc.returncode}:\n{log_path.read_text()[-6000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                 return Server(
                     url,
                     f"127.0.0.1:{http_port}",

@@ -161,13 +161,21 @@ def ensure_models(log: Callable[[str], None] = print) -> dict[str, Any]:
             log(f"{name}: not in the model store; training it (first run only)")
             art = train(name).artifact
         wanted = ("onnx", *INT8_FORMATS) if name == MODEL else spec_for(art).default_formats
-        missing = [f for f in wanted if not art.export(f) or not art.file(art.export(f)["file"]).is_file()]
+        missing = [
+            f
+            for f in wanted
+            if not art.export(f)
+            or ("discarded" not in art.export(f) and not art.file(art.export(f)["file"]).is_file())
+        ]
         if missing:
             log(f"{art.tag}: exporting {missing}")
             try:
                 art = export_artifact(art.tag, missing, log=log)
             except (ArtifactError, ExportError, ValueError) as exc:
                 raise BenchmarkError(f"{art.tag}: export {missing} failed: {exc}") from exc
+        discarded = {f: art.export(f)["discarded"] for f in wanted if "discarded" in (art.export(f) or {})}
+        if discarded:  # the export's quality gate removed them: nothing to measure
+            raise BenchmarkError(f"{art.tag}: exports discarded by their quality gate: {discarded}")
         arts[name] = art
     return arts
 

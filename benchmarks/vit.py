@@ -91,6 +91,9 @@ def load_models() -> dict[str, Any]:
                 f"{art.tag} lacks exports {missing}; run `make serve` or "
                 f"`kiln train {name} --export` first (or `kiln export {art.tag}`)"
             )
+        discarded = {f: art.export(f)["discarded"] for f in ("int8-static",) if "discarded" in art.export(f)}
+        if discarded:  # the export's quality gate removed the graph: nothing to measure
+            raise BenchmarkError(f"{art.tag}: exports discarded by their quality gate: {discarded}")
         arts[name] = art
     return arts
 

@@ -98,3 +98,71 @@ class Int8TensorRT(_TensorRTBuild):
     output_suffix = ".int8.plan"
     precision = "int8"
     source = "int8"  # explicit quantization: built from the task's int8 QDQ graph (ExportSpec.int8_format)
+
+
+class _Tensor:
+    def __init__(self, name: str):
+        self.name = name
+
+
+class EngineSession:
+    """Runs a serialized TensorRT engine with onnxruntime's ``InferenceSession`` calls (``get_inputs``,
+    ``get_outputs``, ``run``), so a task's quality metric measures an engine the way it measures a graph.
+    Device buffers are torch CUDA tensors; batches larger than the engine's profile run in chunks."""
+
+    def __init__(self, plan_path: Path | str):
+        ok, reason = tensorrt_status()
+        if not ok:
+            raise RuntimeError(f"cannot run a TensorRT engine: {reason}")
+        import tensorrt as trt
+        import torch
+
+        self._torch = torch
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
+            Path(plan_path).read_bytes()
+        )
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize the engine {plan_path}")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.max_batch = self.engine.get_tensor_profile_shape(self.input_names[0], 0)[2][0]
+        self.stream = torch.cuda.Stream()
+
+    def get_inputs(self) -> list[_Tensor]:
+        return [_Tensor(n) for n in self.input_names]
+
+    def get_outputs(self) -> list[_Tensor]:
+        return [_Tensor(n) for n in self.output_names]
+
+    def run(self, output_names, feeds: dict) -> list:
+        import numpy as np
+
+        n = len(next(iter(feeds.values())))
+        chunks = [
+            self._run_chunk({k: v[i : i + self.max_batch] for k, v in feeds.items()})
+            for i in range(0, n, self.max_batch)
+        ]
+        return [np.concatenate([c[k] for c in chunks]) for k in (output_names or self.output_names)]
+
+    def _run_chunk(self, feeds: dict) -> dict:
+        import numpy as np
+
+        torch = self._torch
+        with torch.cuda.stream(self.stream):
+            keep = {}
+            for name in self.input_names:
+                t = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda(non_blocking=True)
+                keep[name] = t  # alive until the stream has run
+                self.context.set_input_shape(name, tuple(t.shape))
+                self.context.set_tensor_address(name, t.data_ptr())
+            outs = {}
+            for name in self.output_names:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+                self.context.set_tensor_address(name, outs[name].data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+        self.stream.synchronize()
+        return {k: v.cpu().numpy() for k, v in outs.items()}

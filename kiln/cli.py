@@ -79,12 +79,13 @@ def train(
         _export(result.artifact.tag, None)
 
 
-def _export(tag: str, formats: list[str] | None) -> None:
+def _export(tag: str, formats: list[str] | None, max_loss: list[str] | None = None) -> None:
+    from export.gates import parse_max_loss
     from export.pipeline import ExportError, export_artifact
     from kiln.artifacts import ArtifactError
 
     try:
-        export_artifact(tag, formats, log=typer.echo)
+        export_artifact(tag, formats, log=typer.echo, max_loss=parse_max_loss(max_loss or []))
     except (ArtifactError, ExportError, ValueError) as exc:
         _fail(str(exc))
 
@@ -103,13 +104,24 @@ def export_cmd(
             "Default: every format of the model's task (TensorRT only on a GPU).",
         ),
     ] = None,
+    max_loss: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--max-loss",
+            help="Quality gate override, METRIC=VALUE, repeatable: how much of the fp32 graph's quality "
+            "an int8 graph or TensorRT engine may lose before it is discarded (never served). "
+            "Classifiers: val_accuracy (default 0.01). Diffusion: fid_digits (relative, default 0.2), "
+            "conditional_accuracy (default 0.05).",
+        ),
+    ] = None,
 ) -> None:
     """Export an artifact: ONNX (parity-checked), 8-bit PTQ graphs (QDQ), TensorRT fp16/int8 engines.
 
     Every format is stored under the artifact's model-store tag; its parity and quality (test accuracy,
-    FID-digits...) go into kiln.json.
+    FID-digits...) go into kiln.json. A derived graph that fails its quality gate is deleted and its
+    entry records why.
     """
-    _export(model, formats)
+    _export(model, formats, max_loss)
 
 
 @app.command()
@@ -153,6 +165,51 @@ def serve(
             help="Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED.",
         ),
     ] = 8 * 1024 * 1024,
+    max_queue_size: Annotated[
+        int,
+        typer.Option(
+            envvar="KILN_MAX_QUEUE_SIZE",
+            min=1,
+            help="Admission control: most requests waiting per model and backend; more get HTTP 429 with "
+            "Retry-After / gRPC RESOURCE_EXHAUSTED at once (Triton's max_queue_size).",
+        ),
+    ] = 256,
+    max_queue_delay_ms: Annotated[
+        float,
+        typer.Option(
+            envvar="KILN_MAX_QUEUE_DELAY_MS",
+            min=0,
+            help="Admission control: longest a request may wait in a model's queue (estimated when it "
+            "arrives, enforced when its batch forms); past it, 429 / RESOURCE_EXHAUSTED. 0 = no bound.",
+        ),
+    ] = 1000.0,
+    max_in_flight: Annotated[
+        int,
+        typer.Option(
+            envvar="KILN_MAX_IN_FLIGHT",
+            min=0,
+            help="Admission control at the edge: most requests in progress per worker (HTTP + gRPC); more "
+            "get 429 / RESOURCE_EXHAUSTED before their body is read. 0 = no bound.",
+        ),
+    ] = 512,
+    drain_timeout_s: Annotated[
+        float,
+        typer.Option(
+            envvar="KILN_DRAIN_TIMEOUT_S",
+            min=0,
+            help="SIGTERM: longest wait for accepted requests to finish (the server is not ready and "
+            "refuses new requests meanwhile) before it exits anyway.",
+        ),
+    ] = 30.0,
+    model_config: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KILN_MODEL_CONFIG",
+            help="YAML or JSON file of per-model settings (backend, batch_max_size, batch_window_ms, "
+            "max_queue_size, max_queue_delay_ms, instances) by model name; the flags above are the "
+            "defaults. KILN_MODEL_SETTINGS takes the same mapping as inline JSON.",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(envvar="KILN_WORKERS", min=1, help="Server worker processes.")] = 1,
     generation_batching: Annotated[
         str,
@@ -196,10 +253,16 @@ def serve(
         "KILN_BATCH_MAX_SIZE": str(batch_max_size),
         "KILN_BATCH_WINDOW_MS": str(batch_window_ms),
         "KILN_MAX_REQUEST_BYTES": str(max_request_bytes),
+        "KILN_MAX_QUEUE_SIZE": str(max_queue_size),
+        "KILN_MAX_QUEUE_DELAY_MS": str(max_queue_delay_ms),
+        "KILN_DRAIN_TIMEOUT_S": str(drain_timeout_s),
+        "KILN_MAX_IN_FLIGHT": str(max_in_flight),
         "KILN_WORKERS": str(workers),
         "KILN_GENERATION_BATCHING": generation_batching,
         "KILN_LOG_LEVEL": log_level,
     }
+    if model_config:
+        env["KILN_MODEL_CONFIG"] = os.path.abspath(model_config)
     os.environ.update(env)
     try:
         config = ServeConfig.from_env()
@@ -219,6 +282,10 @@ def serve(
         host,
         "--port",
         str(http_port),
+        # After the SIGTERM drain (serving.admission) nothing accepted is in flight; uvicorn's own wait
+        # for connections is then bounded so a stale one cannot hold the exit.
+        "--timeout-graceful-shutdown",
+        "5",
     ]
     os.execv(sys.executable, cmd)
 
@@ -278,7 +345,11 @@ def models_list(
     for a in arts:
         acc = a.manifest.get("metrics", {}).get("test_accuracy")
         acc_s = f"{acc:.4f}" if acc is not None else "-"
-        exports = ",".join(a.manifest.get("exports", {})) or "-"
+        exports = ",".join(
+            fmt + ("(discarded)" if "discarded" in entry else "")
+            for fmt, entry in a.manifest.get("exports", {}).items()
+        )
+        exports = exports or "-"
         typer.echo(f"{a.tag:<34} {a.manifest.get('architecture', '?'):<20} {acc_s:>8}  {exports}")
 
 
@@ -320,9 +391,9 @@ def bench(
             help="Benchmark suite: vit (attention, runtimes, serving), diffusion (samplers, PTQ4DM int8, "
             "hallucination filter; trains and exports diffusion-digits and vit-soft if missing), agent "
             "(CoT / IEP / IEP+CoT accuracy and LLM calls on --data; needs an LLM), forecast "
-            "(walk-forward backtest of the forecasters and baselines on GOOG daily and EURUSD hourly) or "
+            "(walk-forward backtest of the forecasters and baselines on GOOG daily and EURUSD hourly), "
             "retrieval (BCT/BT²/OCA compatibility tables, XBT recall, gallery upgrade cost and search "
-            "latency)."
+            "latency) or serving (capacity, then overload at 4x capacity: admitted latency, 429s, 5xx)."
         ),
     ] = "vit",
     quick: Annotated[
@@ -339,7 +410,7 @@ def bench(
     ] = None,
 ) -> None:
     """Run a benchmark suite and write its JSON and table into BENCHMARKS.md with the exact command."""
-    suites = ("vit", "diffusion", "agent", "forecast", "retrieval")
+    suites = ("vit", "diffusion", "agent", "forecast", "retrieval", "serving")
     if suite not in suites:
         _fail(f"unknown benchmark suite {suite!r}; valid: {', '.join(suites)}")
     import importlib

@@ -1,23 +1,39 @@
-"""Adaptive batching: concurrent requests to one model and backend are run as one batch.
+"""Adaptive batching with admission control: a bounded queue per model and backend.
 
 A request joins the queue; the batch runs when it holds ``max_batch_size`` samples or when
 ``window_ms`` has passed since its oldest request arrived, whichever is first. The window is only
 waited for when there is evidence of concurrent traffic (more than one request queued, or the previous
 batch held more than one): a lone client is not made to pay the window on every request.
-One batch runs at a time per model and backend, on a dedicated thread (onnxruntime and torch release
-the GIL), so while a batch computes the next one fills up: under load batches grow by themselves even
-with a zero window.
-``max_batch_size=1`` turns batching off (each request runs alone, in arrival order).
+``instances`` batches run at a time (Triton's ``instance_group`` count), each on its own runtime and
+thread (onnxruntime and torch release the GIL), so while batches compute the next one fills up: under
+load batches grow by themselves even with a zero window. ``max_batch_size=1`` turns batching off (each
+request runs alone, in arrival order).
+
+Admission control (Triton's ``max_queue_size`` and queue policy, ``model_config.proto``): a request is
+refused at once with :class:`Overloaded` (HTTP 429 + ``Retry-After``, gRPC RESOURCE_EXHAUSTED) when
+``max_queue_size`` requests already wait, or when the estimated time it would wait — batches ahead of it
+times the recent batch time, over the instances — is over ``max_queue_delay_ms``. The estimate keeps
+the queue short; the bound itself is enforced when a batch forms: a request that has waited longer is
+refused then (Triton's ``timeout_action: REJECT``). Requests whose client has gone (cancelled futures)
+or whose own deadline (:func:`request_timeout`) has passed leave the queue without being computed.
+
+A multi-step request (a diffusion sampler asking for ε once per step) is admitted once, by
+:meth:`AdaptiveBatcher.session`; its steps then queue without the checks, so an admitted request is
+never refused half-way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -26,40 +42,243 @@ from serving.repository import InferenceError
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
+# Defaults an operator would pick for CPU models whose batch computes in milliseconds: 256 waiting
+# requests is 8 full batches of the default 32, and a request that would wait more than a second is
+# better told at once (429) so its client can retry another replica than left to time out; one second
+# also bounds how long a SIGTERM drain spends on queued work.
+DEFAULT_MAX_QUEUE_SIZE = 256
+DEFAULT_MAX_QUEUE_DELAY_MS = 1000.0
+_EWMA = 0.2  # weight of the newest batch in the batch-time estimate
 
-@dataclass
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("kiln_deadline", default=None)
+_ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("kiln_admitted", default=False)
+
+
+class Overloaded(InferenceError):
+    """The model's queue is full (429); ``retry_after_s`` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(429, message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after(self) -> str:
+        """The ``Retry-After`` header value: whole seconds, at least 1."""
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+class DeadlineExceeded(InferenceError):
+    """The request's own timeout passed before it completed (504 / DEADLINE_EXCEEDED)."""
+
+    def __init__(self, message: str):
+        super().__init__(504, message)
+
+
+@contextlib.contextmanager
+def request_timeout(seconds: float | None) -> Iterator[None]:
+    """Give the requests submitted inside the block (and in tasks started from it) a deadline.
+
+    ``seconds`` from now; None leaves any outer deadline as it is. The tighter of an outer deadline and
+    this one wins. A request still queued at its deadline is dropped without being computed; one still
+    computing is answered with :class:`DeadlineExceeded` at the deadline (its rows finish and are
+    discarded).
+    """
+    if seconds is None:
+        yield
+        return
+    deadline = time.monotonic() + max(0.0, seconds)
+    outer = _DEADLINE.get()
+    token = _DEADLINE.set(deadline if outer is None else min(outer, deadline))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def timeout_parameter(parameters: dict[str, Any]) -> float | None:
+    """Seconds from an OIP request's ``timeout`` parameter (microseconds, as Triton's clients send it).
+
+    Raises:
+        InferenceError: 400 when it is not a non-negative integer.
+    """
+    value = parameters.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InferenceError(
+            400, f"parameter 'timeout' must be a non-negative integer of microseconds, got {value!r}"
+        )
+    return value / 1e6 if value else None  # 0 = no timeout, as in Triton
+
+
+@dataclass(eq=False)
 class _Pending:
     inputs: dict[str, np.ndarray]
     size: int
     future: asyncio.Future
-    enqueued: float
+    enqueued: float  # time.monotonic()
+    deadline: float | None
+    admitted: bool  # a step of an admitted session: never refused for queue time
+    running: bool = False
 
 
 class AdaptiveBatcher:
-    def __init__(self, run: RunFn, *, max_batch_size: int, window_ms: float, labels: dict[str, str]):
+    def __init__(
+        self,
+        run: RunFn | Sequence[RunFn],
+        *,
+        max_batch_size: int,
+        window_ms: float,
+        labels: dict[str, str],
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS,
+    ):
+        """
+        Args:
+            run: the runtime's run function, or one per instance (batches run concurrently on them).
+            max_batch_size: most samples in one batch; 1 turns batching off.
+            window_ms: longest wait for a batch to fill once traffic is concurrent.
+            labels: model, version and backend, for the metrics.
+            max_queue_size: most requests waiting; more get :class:`Overloaded`.
+            max_queue_delay_ms: most time a request may wait (estimated at admission, enforced when its
+                batch forms); 0 turns the time bound off.
+        """
+        runs = [run] if callable(run) else list(run)
+        if not runs:
+            raise ValueError("need at least one run function (instance)")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self._run = run
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        if max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
+        self._idle = list(runs)
+        self.instances = len(runs)
         self.max_batch_size = max_batch_size
         self.window = window_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.max_queue_delay = max_queue_delay_ms / 1000.0
         self._labels = labels
         self._queue: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
+        self._free: asyncio.Semaphore | None = None
         self._worker: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._started: dict[asyncio.Task, float] = {}
         self._last_batch_requests = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{labels['model']}")
+        self._batch_seconds: float | None = None  # EWMA of one batch's compute time
+        self._sessions = 0
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.instances, thread_name_prefix=f"infer-{labels['model']}"
+        )
+        self._queue_gauge = metrics.QUEUE_SIZE.labels(**labels)
+
+    # --- admission ------------------------------------------------------------------------------------
+
+    def estimated_wait(self) -> float:
+        """Seconds a request joining now would wait before its batch starts (0 before any batch ran).
+
+        The batches ahead of it (what is queued, packed into batches of ``max_batch_size`` rows; a
+        request larger than that runs alone) times the recent batch time, over the instances, plus
+        the rest of the running batch when every instance is busy.
+        """
+        if self._batch_seconds is None:
+            return 0.0
+        rows = sum(min(p.size, self.max_batch_size) for p in self._queue)
+        wait = math.ceil(rows / self.max_batch_size) * self._batch_seconds / self.instances
+        if len(self._running) >= self.instances:  # every instance busy: until the first one frees
+            now = time.monotonic()
+            wait += max(0.0, min(self._batch_seconds - (now - t) for t in self._started.values()))
+        return wait
+
+    def _refuse(self, reason: str, message: str) -> Overloaded:
+        metrics.REJECTED.labels(**self._labels, reason=reason).inc()
+        retry = max(self.estimated_wait(), self._batch_seconds or 0.0)
+        return Overloaded(f"model {self._labels['model']!r} is overloaded: {message}; retry later", retry)
+
+    def admit(self, *, waiting: int | None = None) -> None:
+        """Raise :class:`Overloaded` if a request may not join now (``waiting``: requests ahead of it)."""
+        waiting = len(self._queue) if waiting is None else waiting
+        if waiting >= self.max_queue_size:
+            raise self._refuse(
+                "queue_full",
+                f"{waiting} requests are waiting (max_queue_size {self.max_queue_size})",
+            )
+        if self.max_queue_delay:
+            wait = self.estimated_wait()
+            if wait > self.max_queue_delay:
+                raise self._refuse(
+                    "queue_delay",
+                    f"a new request would wait about {wait * 1e3:.0f} ms "
+                    f"(max_queue_delay_ms {self.max_queue_delay * 1e3:g})",
+                )
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Admit one multi-step request (e.g. a sampling loop) against the bounds, once.
+
+        Sessions in progress count as waiting requests; the steps submitted inside the block skip the
+        admission checks, so a request that was admitted is never refused half-way.
+        """
+        self.admit(waiting=self._sessions)
+        self._sessions += 1
+        token = _ADMITTED.set(True)
+        try:
+            yield
+        finally:
+            _ADMITTED.reset(token)
+            self._sessions -= 1
+
+    # --- requests -------------------------------------------------------------------------------------
 
     async def submit(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Queue one request (first axis = its batch) and wait for its slice of the batch's outputs."""
+        """Queue one request (first axis = its batch) and wait for its slice of the batch's outputs.
+
+        Raises:
+            Overloaded: the queue is full (not raised for the steps of an admitted session).
+            DeadlineExceeded: the request's deadline (:func:`request_timeout`) passed first.
+        """
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
             self._wakeup = asyncio.Event()
+            self._free = asyncio.Semaphore(self.instances)
             self._worker = loop.create_task(self._serve())
         size = len(next(iter(inputs.values())))
-        pending = _Pending(inputs, size, loop.create_future(), time.perf_counter())
+        admitted = _ADMITTED.get()
+        deadline = _DEADLINE.get()
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            metrics.TIMEOUTS.labels(**self._labels).inc()
+            raise DeadlineExceeded("the request's timeout passed before it was queued")
+        if not admitted:
+            self.admit()
+        pending = _Pending(inputs, size, loop.create_future(), now, deadline, admitted)
         self._queue.append(pending)
+        self._queue_gauge.inc()
         self._wakeup.set()
-        return await pending.future
+        try:
+            if deadline is None:
+                return await pending.future
+            return await asyncio.wait_for(pending.future, deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            metrics.TIMEOUTS.labels(**self._labels).inc()
+            self._unqueue(pending, "timeout")
+            raise DeadlineExceeded(
+                f"the request's timeout passed while it was {'computing' if pending.running else 'queued'}"
+            ) from None
+        except asyncio.CancelledError:  # the client went away: its rows are never computed
+            self._unqueue(pending, "cancelled")
+            raise
+
+    def _unqueue(self, pending: _Pending, reason: str) -> None:
+        if pending.running:
+            return  # already in a batch; its result is discarded
+        with contextlib.suppress(ValueError):
+            self._queue.remove(pending)
+            self._queue_gauge.dec()
+            metrics.DROPPED.labels(**self._labels, reason=reason).inc()
+
+    # --- the worker -----------------------------------------------------------------------------------
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -67,52 +286,134 @@ class AdaptiveBatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
+                await self._free.acquire()  # an instance is free
                 concurrent = len(self._queue) > 1 or self._last_batch_requests > 1
+                if not self._queue:
+                    self._free.release()
+                    break
                 deadline = self._queue[0].enqueued + (self.window if concurrent else 0.0)
-                while self._queued_samples() < self.max_batch_size and time.perf_counter() < deadline:
+                while self._queued_samples() < self.max_batch_size and time.monotonic() < deadline:
                     try:
-                        await asyncio.wait_for(self._wakeup.wait(), deadline - time.perf_counter())
+                        await asyncio.wait_for(self._wakeup.wait(), deadline - time.monotonic())
                     except asyncio.TimeoutError:
                         break
                     self._wakeup.clear()
-                batch = [self._queue.popleft()]
-                total = batch[0].size
-                while self._queue and total + self._queue[0].size <= self.max_batch_size:
-                    total += self._queue[0].size
-                    batch.append(self._queue.popleft())
+                batch, total = self._take_batch()
+                if not batch:
+                    self._free.release()
+                    continue
                 self._last_batch_requests = len(batch)
-                await self._execute(loop, batch, total)
+                task = loop.create_task(self._execute(loop, batch, total))
+                self._running.add(task)
+                self._started[task] = time.monotonic()
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._started.pop(task, None)
+        self._free.release()
+        if self._queue:
+            self._wakeup.set()
+
+    def _take_batch(self) -> tuple[list[_Pending], int]:
+        """Pop the next batch, leaving out requests that are gone, past their deadline or waited too long."""
+        batch: list[_Pending] = []
+        total = 0
+        now = time.monotonic()
+        while self._queue:
+            p = self._queue[0]
+            if not p.future.done():
+                if p.deadline is not None and now >= p.deadline:
+                    self._drop(p, "timeout")
+                    metrics.TIMEOUTS.labels(**self._labels).inc()
+                    p.future.set_exception(
+                        DeadlineExceeded("the request's timeout passed while it was queued")
+                    )
+                    continue
+                if self.max_queue_delay and not p.admitted and now - p.enqueued > self.max_queue_delay:
+                    self._drop(p, None)
+                    p.future.set_exception(
+                        self._refuse(
+                            "queue_delay",
+                            f"the request waited {(now - p.enqueued) * 1e3:.0f} ms in the queue "
+                            f"(max_queue_delay_ms {self.max_queue_delay * 1e3:g})",
+                        )
+                    )
+                    continue
+            else:
+                self._drop(p, "cancelled")
+                continue
+            if batch and (total + p.size > self.max_batch_size or not _stackable(batch[0], p)):
+                break  # a request whose tensors cannot be concatenated with the batch's starts the next one
+            self._queue.popleft()
+            self._queue_gauge.dec()
+            p.running = True
+            batch.append(p)
+            total += p.size
+        return batch, total
+
+    def _drop(self, p: _Pending, reason: str | None) -> None:
+        self._queue.popleft()
+        self._queue_gauge.dec()
+        if reason:
+            metrics.DROPPED.labels(**self._labels, reason=reason).inc()
 
     def _queued_samples(self) -> int:
         return sum(p.size for p in self._queue)
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], total: int) -> None:
-        start = time.perf_counter()
+        start = time.monotonic()
         for p in batch:
             metrics.QUEUE_SECONDS.labels(**self._labels).observe(start - p.enqueued)
-        if len(batch) == 1:
-            merged = batch[0].inputs
-        else:
-            merged = {k: np.concatenate([p.inputs[k] for p in batch]) for k in batch[0].inputs}
+        run = self._idle.pop()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, merged)
+            if len(batch) == 1:
+                merged = batch[0].inputs
+            else:
+                merged = {k: np.concatenate([p.inputs[k] for p in batch]) for k in batch[0].inputs}
+            outputs = await loop.run_in_executor(self._executor, run, merged)
         except Exception as exc:  # noqa: BLE001 - every waiting request must hear about the failure
             err = InferenceError(500, f"inference failed in {self._labels['backend']}: {exc}")
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(err)
             return
-        metrics.COMPUTE_SECONDS.labels(**self._labels).observe(time.perf_counter() - start)
+        finally:
+            self._idle.append(run)
+        seconds = time.monotonic() - start
+        self._batch_seconds = (
+            seconds if self._batch_seconds is None else (_EWMA * seconds + (1 - _EWMA) * self._batch_seconds)
+        )
+        metrics.COMPUTE_SECONDS.labels(**self._labels).observe(seconds)
         metrics.EXEC_COUNT.labels(**self._labels).inc()
         metrics.INFERENCE_COUNT.labels(**self._labels).inc(total)
         metrics.BATCH_SIZE.labels(**self._labels).observe(total)
         offset = 0
         for p in batch:
-            if not p.future.done():  # the client may have gone away (cancelled)
+            if not p.future.done():  # the client may have gone away, or its deadline passed
                 p.future.set_result({k: v[offset : offset + p.size] for k, v in outputs.items()})
             offset += p.size
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing computing."""
+        return not self._queue and not self._running
 
     def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(InferenceError(503, f"model {self._labels['model']!r} was unloaded"))
+        self._queue.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _stackable(first: _Pending, other: _Pending) -> bool:
+    """Whether ``other``'s inputs concatenate with ``first``'s along the batch axis (same names, dtypes
+    and per-row shapes); models with variable-size dimensions get requests that do not."""
+    if first.inputs.keys() != other.inputs.keys():
+        return False
+    return all(
+        a.shape[1:] == b.shape[1:] and a.dtype == b.dtype
+        for a, b in ((first.inputs[k], other.inputs[k]) for k in first.inputs)
+    )

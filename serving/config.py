@@ -1,12 +1,27 @@
 """Server configuration from ``KILN_*`` environment variables (what ``kiln serve`` flags set).
 
+The global batching and queue settings are every model's defaults; ``KILN_MODEL_CONFIG`` (a YAML or
+JSON file, ``kiln serve --model-config``) or ``KILN_MODEL_SETTINGS`` (the same mapping as inline JSON)
+override them per model, as Triton's per-model ``config.pbtxt`` does::
+
+    vit-soft:
+      backend: onnxruntime-int8
+      batch_max_size: 16
+      batch_window_ms: 1
+      max_queue_size: 64
+      max_queue_delay_ms: 500
+      instances: 2          # batches computed at once, each on its own runtime
+
 Bad values raise :class:`ConfigError` at start-up with a message saying how to fix them.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("onnxruntime", "onnxruntime-int8", "pytorch", "tensorrt-fp16", "tensorrt-int8")
@@ -36,6 +51,80 @@ def _number(name: str, default, minimum, cast=int):
 
 
 @dataclass(frozen=True)
+class ModelSettings:
+    """How one model is served: its default runtime, batching, queue bounds and instance count."""
+
+    backend: str
+    batch_max_size: int  # 1 turns adaptive batching off
+    batch_window_ms: float
+    max_queue_size: int  # requests waiting; more get 429 / RESOURCE_EXHAUSTED (Triton's max_queue_size)
+    max_queue_delay_ms: float  # longest a request may wait in the queue; 0 = no time bound
+    instances: int = 1  # batches computed concurrently, each on its own runtime (Triton's instance_group)
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)  # keys set for this model
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend {self.backend!r} is not a backend; valid: {list(BACKENDS)}")
+        for name, minimum in (
+            ("batch_max_size", 1),
+            ("batch_window_ms", 0),
+            ("max_queue_size", 1),
+            ("max_queue_delay_ms", 0),
+            ("instances", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if name in ("batch_max_size", "max_queue_size", "instances") and value != int(value):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if value < minimum:
+                raise ConfigError(f"{name}={value} must be >= {minimum}")
+            if name in ("batch_max_size", "max_queue_size", "instances"):
+                object.__setattr__(self, name, int(value))
+
+
+SETTING_KEYS = tuple(f.name for f in fields(ModelSettings) if f.name != "explicit")
+
+
+def load_model_settings(path: str | None, inline: str | None) -> dict[str, dict[str, Any]]:
+    """Per-model overrides from a YAML/JSON file and/or inline JSON (the inline one wins per key)."""
+    import yaml
+
+    merged: dict[str, dict[str, Any]] = {}
+    sources = []
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"KILN_MODEL_CONFIG={path!r}: no such file")
+        try:
+            sources.append((f"model config {path}", yaml.safe_load(p.read_text())))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"model config {path} is not valid YAML/JSON: {exc}") from None
+    if inline:
+        try:
+            sources.append(("KILN_MODEL_SETTINGS", json.loads(inline)))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"KILN_MODEL_SETTINGS is not valid JSON: {exc}") from None
+    for where, data in sources:
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must map model names to settings, got {type(data).__name__}")
+        for model, settings in data.items():
+            if not isinstance(model, str) or not isinstance(settings, dict):
+                raise ConfigError(
+                    f"{where}: {model!r} must map to a mapping of settings ({', '.join(SETTING_KEYS)})"
+                )
+            unknown = sorted(set(settings) - set(SETTING_KEYS))
+            if unknown:
+                raise ConfigError(
+                    f"{where}: model {model!r} has unknown settings {unknown}; valid: {list(SETTING_KEYS)}"
+                )
+            merged.setdefault(model, {}).update(settings)
+    return merged
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     models: tuple[str, ...]  # model-store names (latest version) or name:version tags
     backend: str  # default runtime; others that the artifact has are loaded too and picked per request
@@ -51,6 +140,29 @@ class ServeConfig:
     # Diffusion sampling: "step" = concurrent requests share denoiser batches step by step;
     # "request" = one request's sampling loop at a time (the baseline the benchmark compares against).
     generation_batching: str = "step"
+    max_queue_size: int = 256  # see serving.batching.DEFAULT_MAX_QUEUE_SIZE for why
+    max_queue_delay_ms: float = 1000.0
+    # SIGTERM: longest the server waits for accepted requests before it exits anyway.
+    drain_timeout_s: float = 30.0
+    # Requests in progress per worker (HTTP + gRPC) before the edge answers 429 without reading the body;
+    # 0 = no bound. 512 = two default model queues' worth.
+    max_in_flight: int = 512
+    model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> overrides
+
+    def settings_for(self, model: str) -> ModelSettings:
+        """The settings of ``model`` (a model-store name): the global ones with its overrides."""
+        base = ModelSettings(
+            backend=self.backend,
+            batch_max_size=self.batch_max_size,
+            batch_window_ms=self.batch_window_ms,
+            max_queue_size=self.max_queue_size,
+            max_queue_delay_ms=self.max_queue_delay_ms,
+        )
+        overrides = self.model_settings.get(model, {})
+        try:
+            return replace(base, **overrides, explicit=frozenset(overrides))
+        except ConfigError as exc:
+            raise ConfigError(f"model settings of {model!r}: {exc}") from None
 
     @classmethod
     def from_env(cls) -> ServeConfig:
@@ -71,7 +183,7 @@ class ServeConfig:
         log_level = os.environ.get("KILN_LOG_LEVEL", "INFO").upper()
         if log_level not in _LOG_LEVELS:
             raise ConfigError(f"KILN_LOG_LEVEL={log_level!r} is not a log level; valid: {list(_LOG_LEVELS)}")
-        return cls(
+        config = cls(
             models=models,
             backend=backend,
             http_port=_number("KILN_HTTP_PORT", 3000, 1),
@@ -84,4 +196,14 @@ class ServeConfig:
             threads=_number("KILN_THREADS", min(4, os.cpu_count() or 1), 1),
             log_level=log_level,
             generation_batching=generation_batching,
+            max_queue_size=_number("KILN_MAX_QUEUE_SIZE", 256, 1),
+            max_queue_delay_ms=_number("KILN_MAX_QUEUE_DELAY_MS", 1000.0, 0.0, float),
+            drain_timeout_s=_number("KILN_DRAIN_TIMEOUT_S", 30.0, 0.0, float),
+            max_in_flight=_number("KILN_MAX_IN_FLIGHT", 512, 0),
+            model_settings=load_model_settings(
+                os.environ.get("KILN_MODEL_CONFIG"), os.environ.get("KILN_MODEL_SETTINGS")
+            ),
         )
+        for model in config.model_settings:  # every override is checked now, not when a model loads
+            config.settings_for(model)
+        return config

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -16,26 +17,13 @@ import numpy as np
 from serving.repository import InferenceError
 
 MAX_IMAGE_SIDE = 1024
+_FORMATS = ("PNG", "JPEG")  # the decoders PIL may use; no exotic formats from untrusted input
 
 
 def decode_image(image: Any) -> np.ndarray:
     """A nested list (H×W, values in [0, 1], ink = 1) or a base64 PNG/JPEG → (H, W) float32 in [0, 1]."""
     if isinstance(image, str):
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            raw = base64.b64decode(image, validate=True)
-            with Image.open(io.BytesIO(raw)) as im:
-                if max(im.size) > MAX_IMAGE_SIDE:
-                    raise InferenceError(
-                        400, f"image is {im.size[0]}×{im.size[1]}; the limit is {MAX_IMAGE_SIDE} a side"
-                    )
-                arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-        except (binascii.Error, ValueError) as exc:
-            raise InferenceError(400, f"`image` is a string but not valid base64: {exc}") from None
-        except UnidentifiedImageError:
-            raise InferenceError(400, "`image` is base64 but not a PNG/JPEG image PIL can read") from None
-        return arr
+        return _decode_png_jpeg(image)
     try:
         arr = np.asarray(image, dtype=np.float32)
     except (ValueError, TypeError):
@@ -53,3 +41,35 @@ def decode_image(image: Any) -> np.ndarray:
     if arr.min() < 0.0 or arr.max() > 1.0:
         raise InferenceError(400, f"`image` values must lie in [0, 1]; got [{arr.min():g}, {arr.max():g}]")
     return arr
+
+
+def _decode_png_jpeg(text: str) -> np.ndarray:
+    """A base64 PNG/JPEG → (H, W) float32 in [0, 1]; every way the bytes can be bad is a 400.
+
+    The size is checked from the header before any pixel is decoded, so a decompression bomb (a small
+    file that inflates to billions of pixels) is refused without inflating it; PIL's own bomb check
+    (``Image.MAX_IMAGE_PIXELS``) fires first for the largest ones. Truncated or corrupt pixel data
+    surfaces as ``OSError``/``SyntaxError``/``ValueError`` while decoding.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InferenceError(400, f"`image` is a string but not valid base64: {exc}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, don't just log
+            im = Image.open(io.BytesIO(raw), formats=_FORMATS)
+        with im:
+            if max(im.size) > MAX_IMAGE_SIDE:
+                raise InferenceError(
+                    400, f"image is {im.size[0]}×{im.size[1]}; the limit is {MAX_IMAGE_SIDE} a side"
+                )
+            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise InferenceError(400, "`image` is base64 but not a PNG/JPEG image PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InferenceError(400, f"`image` is too large to decode: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InferenceError(400, f"`image` is a truncated or corrupt PNG/JPEG: {exc}") from None

@@ -70,6 +70,37 @@ MODEL_READY = prometheus_client.Gauge(
 )
 
 
+# Admission control (serving/batching.py, serving/admission.py).
+REJECTED = prometheus_client.Counter(
+    name="kiln_inference_rejected_total",
+    documentation="Requests refused because the model's queue was full (HTTP 429 / gRPC RESOURCE_EXHAUSTED), "
+    "by reason: queue_full (max_queue_size) or queue_delay (max_queue_delay_ms)",
+    labelnames=[*_LABELS, "reason"],
+)
+DROPPED = prometheus_client.Counter(
+    name="kiln_inference_dropped_total",
+    documentation="Requests that left the queue without being computed, by reason: cancelled (the client "
+    "went away) or timeout (their deadline passed)",
+    labelnames=[*_LABELS, "reason"],
+)
+TIMEOUTS = prometheus_client.Counter(
+    name="kiln_inference_timeouts_total",
+    documentation="Requests answered HTTP 504 / gRPC DEADLINE_EXCEEDED because their own timeout passed",
+    labelnames=_LABELS,
+)
+QUEUE_SIZE = prometheus_client.Gauge(
+    name="kiln_inference_queue_size",
+    documentation="Requests waiting in the model's batcher queue",
+    labelnames=_LABELS,
+    multiprocess_mode="livesum",
+)
+DRAINING = prometheus_client.Gauge(
+    name="kiln_server_draining",
+    documentation="1 while the server drains after SIGTERM (not ready, refusing new requests), else 0",
+    multiprocess_mode="livemax",
+)
+
+
 GENERATED_IMAGES = prometheus_client.Counter(
     name="kiln_generated_images_total",
     documentation="Images returned by /generate (after hallucination filtering), by sampler",

@@ -88,61 +88,46 @@ class TorchRuntime:
 
 
 class TensorRTRuntime:
-    """Runs a serialized TensorRT engine; device buffers are torch CUDA tensors."""
+    """Runs a serialized TensorRT engine (:class:`export.tensorrt.EngineSession`: torch CUDA buffers,
+    batches beyond the engine's profile in chunks)."""
 
     def __init__(self, art: Artifact, backend: str):
-        import tensorrt as trt
-        import torch
+        from export.tensorrt import EngineSession
 
         t0 = time.perf_counter()
         self.backend = backend
-        self._torch = torch
-        plan = art.file(export_for(art, backend)[1]["file"]).read_bytes()
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise RuntimeError(f"{art.tag}: TensorRT could not deserialize the {backend} engine")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.max_batch = self.engine.get_tensor_profile_shape(self.input_names[0], 0)[2][0]
-        self.stream = torch.cuda.Stream()
+        self.session = EngineSession(art.file(export_for(art, backend)[1]["file"]))
+        self.output_names = self.session.output_names
         self.load_seconds = time.perf_counter() - t0
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(next(iter(inputs.values())))
-        chunks = [
-            self._run_chunk({k: v[i : i + self.max_batch] for k, v in inputs.items()})
-            for i in range(0, n, self.max_batch)
-        ]
-        return {k: np.concatenate([c[k] for c in chunks]) for k in self.output_names}
-
-    def _run_chunk(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        with torch.cuda.stream(self.stream):
-            keep = {}
-            for name in self.input_names:
-                t = torch.from_numpy(np.ascontiguousarray(inputs[name])).cuda(non_blocking=True)
-                keep[name] = t
-                self.context.set_input_shape(name, tuple(t.shape))
-                self.context.set_tensor_address(name, t.data_ptr())
-            outs = {}
-            for name in self.output_names:
-                shape = tuple(self.context.get_tensor_shape(name))
-                outs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
-                self.context.set_tensor_address(name, outs[name].data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-        self.stream.synchronize()
-        return {k: v.cpu().numpy() for k, v in outs.items()}
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
 
 
 def export_for(art: Artifact, backend: str) -> tuple[str, dict | None]:
-    """(format, manifest entry) of the export that serves ``backend``; the entry is None if not exported.
+    """(format, manifest entry) of the export that serves ``backend``; the entry is None if not exported,
+    or if the export was discarded by its quality gate (:func:`discarded` says why).
 
     The export pipeline records on each entry which backend it serves (the classifier's int8 graph is
     ``int8-static``, the diffusion model's ``int8-ptq4dm``).
     """
+    fmt, entry = _recorded(art, backend)
+    return fmt, None if entry is None or discarded(entry) else entry
+
+
+def discarded(entry: dict | None) -> str:
+    """Why an export entry must not be served ('' if it may): its graph failed its quality gate at export."""
+    if not entry:
+        return ""
+    if "discarded" in entry:
+        return str(entry["discarded"])
+    gate = entry.get("gate")
+    if isinstance(gate, dict) and gate.get("passed") is not True:
+        return f"failed its quality gate: {gate.get('reason') or 'no verdict recorded'}"
+    return ""
+
+
+def _recorded(art: Artifact, backend: str) -> tuple[str, dict | None]:
     for fmt, entry in art.manifest.get("exports", {}).items():
         if entry.get("backend") == backend:
             return fmt, entry
@@ -151,20 +136,23 @@ def export_for(art: Artifact, backend: str) -> tuple[str, dict | None]:
     return fmt, entry if entry is not None and "backend" not in entry else None
 
 
+def _unavailable(art: Artifact, backend: str) -> str:
+    """'' if ``backend``'s export exists and passed its gate, else why it cannot be served."""
+    fmt, entry = _recorded(art, backend)
+    if entry is None:
+        return f"not exported (kiln export {art.name} --format {fmt})"
+    why = discarded(entry)
+    return f"the {fmt} export {why}" if why else ""
+
+
 def available_backends(art: Artifact) -> dict[str, str]:
-    """backend → '' if loadable here, else the reason it is not."""
-    out = {}
-    for backend in _ONNX_BACKENDS:
-        fmt, entry = export_for(art, backend)
-        out[backend] = "" if entry else f"not exported (kiln export {art.name} --format {fmt})"
+    """backend → '' if loadable here, else the reason it is not (not exported, discarded by its quality
+    gate at export, or no TensorRT/GPU here)."""
+    out = {backend: _unavailable(art, backend) for backend in _ONNX_BACKENDS}
     out["pytorch"] = ""
     trt_ok, reason = tensorrt_status()
     for backend in _TRT_BACKENDS:
-        fmt, entry = export_for(art, backend)
-        if not entry:
-            out[backend] = f"not exported (kiln export {art.name} --format {fmt})"
-        else:
-            out[backend] = "" if trt_ok else reason
+        out[backend] = _unavailable(art, backend) or ("" if trt_ok else reason)
     return out
 
 

@@ -14,13 +14,17 @@ import bentoml
 
 import serving  # noqa: F401  (configures the model store before bentoml is imported)
 from kiln.artifacts import get_artifact
+from serving import metrics
+from serving.admission import Drain, DrainInterceptor, RequestLifecycleMiddleware, install_sigterm_drain
 from serving.agent.mcp import create_mcp_app
 from serving.config import ServeConfig
 from serving.limits import BodyLimitMiddleware
+from serving.model import LoadedModel
+from serving.oip.control import admin_token
 from serving.oip.grpc_server import start_grpc_server
 from serving.oip.http import MountRootMiddleware, create_oip_app
 from serving.repository import ModelRepository
-from serving.routes import create_task_app
+from serving.routes import OpenAPIVersionMiddleware, create_task_app
 from serving.tasks import load_model, routers, tools
 
 log = logging.getLogger("kiln.serving")
@@ -29,26 +33,53 @@ CONFIG = ServeConfig.from_env()
 for _name in ("kiln", "serving"):  # Kiln's loggers: kiln.* and the protocol front-ends (serving.oip.*)
     logging.getLogger(_name).setLevel(CONFIG.log_level)
 REPOSITORY = ModelRepository()
+# SIGTERM: not ready at once, new requests refused, accepted ones finish; the edge in-flight bound
+# (serving.admission).
+DRAIN = Drain(CONFIG.max_in_flight)
+
+
+def _load(tag: str) -> LoadedModel:
+    return load_model(get_artifact(tag), CONFIG)
 
 
 def _load_models() -> None:
+    """Load every configured model; one that fails is UNAVAILABLE with its reason, the others serve."""
+    REPOSITORY.loader = _load
     for tag in CONFIG.models:
-        art = get_artifact(tag)  # raises with a message naming what the store has
-        REPOSITORY.add(load_model(art, CONFIG))
+        name, _, version = tag.partition(":")
+        try:
+            art = get_artifact(tag)  # its errors name what the store has
+            name, version = art.name, art.version
+            REPOSITORY.add(load_model(art, CONFIG))
+        except Exception as exc:  # noqa: BLE001 - isolation: any load failure is this model's alone
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("model %s is UNAVAILABLE: %s", tag, reason)
+            REPOSITORY.fail(name, version, reason)
+            backend = CONFIG.settings_for(name).backend  # the one it would have served on first
+            metrics.MODEL_READY.labels(model=name, version=version, backend=backend).set(0)
 
 
 @bentoml.service(name="kiln", workers=CONFIG.workers, traffic={"timeout": 60})
 @bentoml.asgi_app(create_mcp_app(tools(REPOSITORY), host=CONFIG.host), path="/mcp")  # Kiln's tools over MCP
-@bentoml.asgi_app(create_oip_app(REPOSITORY, max_request_bytes=CONFIG.max_request_bytes), path="/v2")
+@bentoml.asgi_app(
+    create_oip_app(
+        REPOSITORY,
+        max_request_bytes=CONFIG.max_request_bytes,
+        admin_token=admin_token(),
+        model_examples=[tag.partition(":")[0] for tag in CONFIG.models],
+    ),
+    path="/v2",
+)
 @bentoml.asgi_app(create_task_app(routers(REPOSITORY)), path="/")
 class Kiln:
     def __init__(self) -> None:
-        if not REPOSITORY.models:
+        if REPOSITORY.loader is None:
             _load_models()
         self.grpc_server = None
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:
+        install_sigterm_drain(DRAIN, lambda: setattr(REPOSITORY, "draining", True), CONFIG.drain_timeout_s)
         if CONFIG.grpc_port:
             self.grpc_server = await start_grpc_server(
                 REPOSITORY,
@@ -56,6 +87,8 @@ class Kiln:
                 port=CONFIG.grpc_port,
                 max_message_bytes=CONFIG.max_request_bytes,
                 share_port=CONFIG.workers > 1,  # each worker process serves gRPC on the same port
+                admin_token=admin_token(),
+                interceptors=[DrainInterceptor(DRAIN)],
             )
             log.info("gRPC Open Inference Protocol on %s:%d", CONFIG.host, CONFIG.grpc_port)
 
@@ -63,11 +96,13 @@ class Kiln:
     async def stop_grpc(self) -> None:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=5)
-        for versions in REPOSITORY.models.values():
+        for versions in list(REPOSITORY.models.values()):
             for model in versions.values():
                 model.close()
 
 
 Kiln.add_asgi_middleware(BodyLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
+Kiln.add_asgi_middleware(RequestLifecycleMiddleware, drain=DRAIN)
 Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/v2")  # GET /v2 answers, not 307 → /v2/
 Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/mcp")  # MCP clients POST to /mcp itself
+Kiln.add_asgi_middleware(OpenAPIVersionMiddleware)  # /docs.json says which OpenAPI its schemas are

@@ -16,6 +16,9 @@ __all__ = ["MAX_REQUEST_BYTES", "Server", "free_port", "metric_total", "start_se
 MAX_REQUEST_BYTES = 1024 * 1024  # small, so the 413 path is cheap to exercise
 
 
-def start_server(home: Path, *extra: str, timeout: float = 900) -> Server:
-    """Run `kiln serve` as its own process on free ports; returns once /v2/health/ready answers 200."""
-    return _start_server(home, "--max-request-bytes", str(MAX_REQUEST_BYTES), *extra, timeout=timeout)
+def start_server(home: Path, *extra: str, timeout: float = 900, **kwargs) -> Server:
+    """Run `kiln serve` as its own process on free ports; returns once /v2/health/ready (or
+    ``ready_path``) answers 200. ``kwargs`` go to :func:`benchmarks._server.start_server`."""
+    return _start_server(
+        home, "--max-request-bytes", str(MAX_REQUEST_BYTES), *extra, timeout=timeout, **kwargs
+    )

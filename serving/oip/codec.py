@@ -55,6 +55,7 @@ class RequestedOutput:
 
     name: str
     binary: bool | None = None
+    classification: int = 0  # top-k classes as BYTES "score:index[:label]" (classification extension)
 
 
 @dataclass(frozen=True)
@@ -140,23 +141,27 @@ def decode_inputs(model: ServedModel, tensors: Sequence[RequestTensor]) -> dict[
 def requested_output(name: Any, parameters: Mapping[str, Any] | None) -> RequestedOutput:
     """Build a :class:`RequestedOutput` from a request's output name and parameters.
 
-    ``binary_data`` (bool) asks for the output in binary form. Triton's ``classification`` parameter
-    is refused rather than ignored, since ignoring it would return something else than asked for.
+    ``binary_data`` (bool) asks for the output in binary form; ``classification`` (int k > 0), Triton's
+    classification extension, for the top k classes of a (batch, classes) output instead of its values.
 
     Raises:
-        InferenceError: 400 for a non-string name, a non-bool ``binary_data`` or ``classification``.
+        InferenceError: 400 for a non-string name, a non-bool ``binary_data`` or a ``classification``
+            that is not a positive integer.
     """
     if not isinstance(name, str) or not name:
         raise InferenceError(400, f"requested output name must be a non-empty string, got {name!r}")
     parameters = parameters or {}
-    if "classification" in parameters:
-        raise InferenceError(400, f"output {name!r}: the 'classification' parameter is not supported")
     binary = parameters.get("binary_data")
     if binary is not None and not isinstance(binary, bool):
         raise InferenceError(
             400, f"output {name!r}: parameter 'binary_data' must be a boolean, got {binary!r}"
         )
-    return RequestedOutput(name, binary)
+    k = parameters.get("classification", 0)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise InferenceError(
+            400, f"output {name!r}: parameter 'classification' must be a positive integer (top k), got {k!r}"
+        )
+    return RequestedOutput(name, binary, k)
 
 
 def binary_data_output(parameters: Mapping[str, Any] | None) -> bool:
@@ -199,8 +204,19 @@ def select_outputs(
             )
         if any(s.name == output.name for s in selected):
             raise InferenceError(400, f"output {output.name!r} is requested more than once")
+        spec = next(s for s in model.outputs if s.name == output.name)
+        if output.classification and (len(spec.shape) != 2 or spec.datatype == datatypes.BYTES):
+            raise InferenceError(
+                400,
+                f"output {output.name!r} of model {model.name!r} has shape {list(spec.shape)} "
+                f"({spec.datatype}); classification needs a numeric (batch, classes) output",
+            )
         selected.append(
-            RequestedOutput(output.name, binary_default if output.binary is None else output.binary)
+            RequestedOutput(
+                output.name,
+                binary_default if output.binary is None else output.binary,
+                output.classification,
+            )
         )
     return selected
 
@@ -221,12 +237,27 @@ def encode_outputs(
                 f"model {model.name!r} returned no output {output.name!r} (got {sorted(results)})"
             )
         array = np.asarray(results[output.name])
+        if output.classification:
+            array = classify(array, output.classification, getattr(model, "labels", []))
         try:
             datatype = datatypes.from_numpy(array.dtype)
         except ValueError as exc:
             raise RuntimeError(f"model {model.name!r} output {output.name!r}: {exc}") from None
         tensors.append(ResponseTensor(output.name, datatype, tuple(array.shape), array, bool(output.binary)))
     return tensors
+
+
+def classify(scores: np.ndarray, k: int, labels: Sequence[str]) -> np.ndarray:
+    """Triton's classification extension: per row, the top ``k`` classes (k capped at the number of
+    classes) as ``"score:index"`` or ``"score:index:label"`` strings, highest score first."""
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    out = np.empty(top.shape, dtype=object)
+    for row, indices in enumerate(top):
+        for j, index in enumerate(indices):
+            text = f"{scores[row, index]:g}:{index}"
+            out[row, j] = f"{text}:{labels[index]}" if index < len(labels) else text
+    return out
 
 
 def to_bytes(array: np.ndarray, datatype: str) -> bytes:

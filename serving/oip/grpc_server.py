@@ -1,29 +1,44 @@
-"""Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on ``grpc.aio``.
+"""Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on ``grpc.aio``, plus the
+standard ``grpc.health.v1.Health`` service.
 
 Implements the six RPCs of KServe's ``grpc_predict_v2.proto`` (ServerLive, ServerReady, ModelReady,
-ServerMetadata, ModelMetadata, ModelInfer); Triton's clients (``tritonclient.grpc``) call the same
-methods with wire-compatible messages. Inputs come as ``raw_input_contents`` or typed ``contents``;
-outputs always go back as ``raw_output_contents``. ``parameters["backend"]`` (string) picks the runtime.
+ServerMetadata, ModelMetadata, ModelInfer) and Triton's extensions that Kiln has (ModelStreamInfer,
+ModelConfig, ModelStatistics, RepositoryIndex, RepositoryModelLoad/Unload); Triton's clients
+(``tritonclient.grpc``) call the same methods with wire-compatible messages. Inputs come as
+``raw_input_contents`` or typed ``contents``; outputs always go back as ``raw_output_contents``.
+Request ``parameters``: ``backend`` (string) picks the runtime, ``timeout`` (µs) bounds the request, as
+over HTTP. Model control needs metadata ``authorization: Bearer <KILN_ADMIN_TOKEN>``.
+
+Health: service "" is the server's strict readiness, ``inference.GRPCInferenceService`` is SERVING
+while the server is live, and each model name is SERVING while its default version is ready (Triton's
+per-model readiness); unknown names are NOT_FOUND. The statuses are refreshed twice a second and after
+every model-control call, so ``Watch`` streams changes.
 
 :class:`~serving.repository.InferenceError` statuses map to gRPC codes (400 INVALID_ARGUMENT,
-404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE); a request over ``max_message_bytes`` is refused
-by gRPC itself (RESOURCE_EXHAUSTED); a request that is not a valid protobuf message gets
-INVALID_ARGUMENT; anything unexpected is logged and returned as INTERNAL.
+401 UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 NOT_FOUND, 413/429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE,
+504 DEADLINE_EXCEEDED, anything else INTERNAL); a request over ``max_message_bytes`` is refused by gRPC
+itself (RESOURCE_EXHAUSTED); a request that is not a valid protobuf message gets INVALID_ARGUMENT;
+anything unexpected is logged and returned as INTERNAL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from kiln import __version__ as _KILN_VERSION
+from serving.batching import request_timeout, timeout_parameter
 from serving.metrics import UNKNOWN_MODEL, record_request
-from serving.oip import codec
+from serving.oip import codec, control
 from serving.oip.http import EXTENSIONS
 from serving.oip.proto import grpc_predict_v2_pb2 as pb
 from serving.oip.proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -34,10 +49,15 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "inference.GRPCInferenceService"
 _STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,  # admission control: the model's queue is full
     503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,  # the request's timeout passed
 }
+_HEALTH_REFRESH_SECONDS = 0.5
 # Typed-contents field holding each datatype (grpc_predict_v2.proto, InferTensorContents).
 # FP16 has none: it can only be sent as raw_input_contents.
 _CONTENTS_FIELDS = {
@@ -66,11 +86,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """
 
     def __init__(
-        self, repo: ModelRepository, *, server_name: str = "kiln", server_version: str = _KILN_VERSION
+        self,
+        repo: ModelRepository,
+        *,
+        server_name: str = "kiln",
+        server_version: str = _KILN_VERSION,
+        admin_token: str = "",
+        health: ModelHealth | None = None,
     ):
         self.repo = repo
         self.server_name = server_name
         self.server_version = server_version
+        self.admin_token = admin_token
+        self.health = health
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -116,10 +144,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         """Validate, run and encode one inference request; records its metrics with protocol "grpc"."""
+        try:
+            return await self._infer(request)
+        except InferenceError as exc:
+            failure = (_status_code(exc), exc.message)
+        except Exception as exc:
+            logger.exception("unhandled error serving ModelInfer for %r", request.model_name)
+            failure = (grpc.StatusCode.INTERNAL, f"internal server error: {type(exc).__name__}: {exc}")
+        await context.abort(*failure)  # outside the except blocks: abort() raises to end the RPC
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's streaming inference: one response per request, in order; a failed request gets its
+        ``error_message`` and the stream goes on."""
+        async for raw in requests:
+            try:
+                request = pb.ModelInferRequest.FromString(raw)
+            except DecodeError as exc:
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"malformed inference.ModelInferRequest: {exc}"
+                )
+                continue
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except InferenceError as exc:
+                yield pb.ModelStreamInferResponse(error_message=f"{_status_code(exc).name}: {exc.message}")
+            except Exception as exc:
+                logger.exception("unhandled error serving ModelStreamInfer for %r", request.model_name)
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"INTERNAL: internal server error: {type(exc).__name__}: {exc}"
+                )
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         start = time.perf_counter()
         labels = (UNKNOWN_MODEL, "", "")
         ok = False
-        failure: tuple[grpc.StatusCode, str] | None = None
         try:
             model = self.repo.get(request.model_name, request.model_version)
             parameters = _parameters(request.parameters)
@@ -132,18 +192,128 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             arrays = codec.decode_inputs(model, _request_tensors(request))
             requested = [codec.requested_output(o.name, _parameters(o.parameters)) for o in request.outputs]
             selected = codec.select_outputs(model, requested)
-            results = await model.infer(arrays, backend=backend)
+            with request_timeout(timeout_parameter(parameters)):  # the call's deadline applies as well
+                results = await model.infer(arrays, backend=backend)
             response = _infer_response(model, request.id, codec.encode_outputs(model, results, selected))
             ok = True
             return response
-        except InferenceError as exc:
-            failure = (_STATUS_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
-        except Exception as exc:
-            logger.exception("unhandled error serving ModelInfer for %r", request.model_name)
-            failure = (grpc.StatusCode.INTERNAL, f"internal server error: {type(exc).__name__}: {exc}")
         finally:
             record_request(*labels, "grpc", ok, time.perf_counter() - start)
-        await context.abort(*failure)  # outside the except blocks: abort() raises to end the RPC
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        """Triton's model configuration (the subset Kiln fills in); NOT_FOUND for an unknown model."""
+        model = await _lookup(self.repo, request.name, request.version, context)
+        batched = model.max_batch_size > 0  # dims leave out the batch dimension of batched models
+        config = pb.ModelConfig(
+            name=model.name,
+            platform=model.platform,
+            backend=model.backends[0],
+            max_batch_size=model.max_batch_size,
+            input=[
+                pb.ModelInput(name=t.name, data_type=_config_type(t.datatype), dims=_dims(t, batched))
+                for t in model.inputs
+            ],
+            output=[
+                pb.ModelOutput(name=t.name, data_type=_config_type(t.datatype), dims=_dims(t, batched))
+                for t in model.outputs
+            ],
+        )
+        config.parameters["backends"].string_value = ",".join(model.backends)
+        config.parameters["version"].string_value = model.version
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """Triton's statistics extension: every model, one model's versions, or one version."""
+        try:
+            entries = control.statistics(self.repo, request.name, request.version)
+        except InferenceError as exc:
+            await context.abort(_status_code(exc), exc.message)
+        return json_format.ParseDict({"model_stats": entries}, pb.ModelStatisticsResponse())
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        """Every model version, its state and the reason it is UNAVAILABLE."""
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
+                for e in self.repo.index()
+                if e.state == "READY" or not request.ready
+            ]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        """Load a model (version) and make it the default; needs the admin token."""
+        await self._control(control.load, request, context)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Unload a model (version); needs the admin token."""
+        await self._control(control.unload, request, context)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _control(self, action, request, context: grpc.aio.ServicerContext) -> None:
+        try:
+            control.authorize(self.admin_token, dict(context.invocation_metadata()).get("authorization"))
+            await action(self.repo, request.model_name, _parameters(request.parameters))
+        except InferenceError as exc:
+            failure = (_status_code(exc), exc.message)
+        else:
+            if self.health is not None:
+                await self.health.refresh()
+            return
+        await context.abort(*failure)
+
+
+class ModelHealth:
+    """``grpc.health.v1.Health`` (grpcio-health-checking's servicer) kept in step with the repository."""
+
+    def __init__(self, repo: ModelRepository):
+        self.repo = repo
+        self.servicer = health_aio.HealthServicer()
+        self._task: asyncio.Task | None = None
+
+    async def refresh(self) -> None:
+        """Set every service's status from the repository now."""
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        await self.servicer.set("", serving if self.repo.ready() else not_serving)
+        await self.servicer.set(SERVICE_NAME, serving)
+        for entry in self.repo.index():
+            try:
+                ready = self.repo.get(entry.name).ready()
+            except InferenceError:
+                ready = False
+            await self.servicer.set(entry.name, serving if ready else not_serving)
+
+    async def start(self, server: grpc.aio.Server) -> None:
+        """Set the statuses, then refresh them until ``server`` stops."""
+        await self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._run(server))
+
+    async def _run(self, server: grpc.aio.Server) -> None:
+        while await server.wait_for_termination(timeout=_HEALTH_REFRESH_SECONDS):  # True: timed out
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - health must keep reporting; the error is logged
+                logger.exception("refreshing gRPC health statuses failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.servicer.enter_graceful_shutdown()
 
 
 async def start_grpc_server(
@@ -155,6 +325,8 @@ async def start_grpc_server(
     server_name: str = "kiln",
     server_version: str = _KILN_VERSION,
     share_port: bool = False,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    admin_token: str = "",
 ) -> grpc.aio.Server:
     """Start the gRPC Open Inference Protocol server on ``host:port``.
 
@@ -168,6 +340,8 @@ async def start_grpc_server(
         server_version: ``version`` in the server metadata.
         share_port: let several processes bind the same port (SO_REUSEPORT), as the server's worker
             processes do when there is more than one; off, a busy port fails at start-up.
+        interceptors: server interceptors (the SIGTERM drain's, serving.admission.DrainInterceptor).
+        admin_token: Bearer token model control requires ("" turns it off).
 
     Returns:
         The started server; stop it with ``await server.stop(grace)``.
@@ -180,9 +354,13 @@ async def start_grpc_server(
         raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
     # so_reuseport off unless asked: a second server on a busy port must fail, not silently share it.
     options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.so_reuseport", int(share_port))]
-    server = grpc.aio.server(options=options)
-    servicer = InferenceServicer(repo, server_name=server_name, server_version=server_version)
+    server = grpc.aio.server(options=options, interceptors=list(interceptors))
+    health = ModelHealth(repo)
+    servicer = InferenceServicer(
+        repo, server_name=server_name, server_version=server_version, admin_token=admin_token, health=health
+    )
     server.add_generic_rpc_handlers([_service_handler(servicer)])
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     address = f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
@@ -192,6 +370,7 @@ async def start_grpc_server(
         await server.stop(None)
         raise RuntimeError(f"could not bind the gRPC server to {address}; is the port in use?")
     await server.start()
+    await health.start(server)
     logger.info("Open Inference Protocol gRPC server listening on %s", address)
     return server
 
@@ -206,6 +385,11 @@ def _service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
         "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
         "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+        "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
+        "ModelStatistics": (pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
+        "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+        "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
+        "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
@@ -215,6 +399,11 @@ def _service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         )
         for name, (request_type, response_type) in methods.items()
     }
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=None,  # raw bytes: a malformed one gets its error_message, the stream goes on
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
@@ -240,8 +429,20 @@ async def _lookup(
     try:
         return repo.get(name, version)
     except InferenceError as exc:
-        await context.abort(_STATUS_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+        await context.abort(_status_code(exc), exc.message)
         raise  # not reached: abort() raises
+
+
+def _status_code(exc: InferenceError) -> grpc.StatusCode:
+    return _STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+
+
+def _config_type(datatype: str) -> int:
+    return pb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+
+
+def _dims(spec: TensorSpec, batched: bool) -> list[int]:
+    return list(spec.shape[1:] if batched else spec.shape)
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:

@@ -1,20 +1,30 @@
-"""Open Inference Protocol over HTTP/REST: a Starlette app that BentoML mounts at ``/v2``.
+"""Open Inference Protocol over HTTP/REST: a FastAPI app that BentoML mounts at ``/v2``.
 
-Routes follow KServe's v2 REST protocol (``docs/predict-api/v2/required_api.md``) plus Triton's binary
-tensor data extension (``docs/protocol/extension_binary_data.md``), its model configuration endpoint
-(``.../config``, a subset) and its repository index (``POST /v2/repository/index``). Paths below are
-relative to the mount point::
+Routes follow KServe's v2 REST protocol (``docs/predict-api/v2/required_api.md``) plus Triton's
+extensions: binary tensor data (``extension_binary_data.md``), classification
+(``extension_classification.md``), model configuration (``.../config``, a subset), statistics
+(``extension_statistics.md``) and model repository (index, load, unload). Paths are relative to the
+mount point::
 
     GET  /                                          server metadata (also ``GET /v2``, see below)
-    GET  /health/live, /health/ready                200, or 503 when not ready
+    GET  /health/live, /health/ready                200, or 503 naming what is not ready (strict readiness)
     GET  /models/{name}[/versions/{version}]        model metadata
-    GET  /models/{name}[/versions/{version}]/ready  200, or 503 when not ready
-    GET  /models/{name}[/versions/{version}]/config max_batch_size, input, output (Triton-style)
-    POST /models/{name}[/versions/{version}]/infer  ?backend= picks the runtime
-    POST /repository/index                          every model, version and state
+    GET  /models/{name}[/versions/{version}]/ready  200, or 503 when not ready / UNAVAILABLE
+    GET  /models/{name}[/versions/{version}]/config max_batch_size, input, output, backends (Triton-style)
+    GET  /models[/{name}[/versions/{version}]]/stats  Triton's statistics extension
+    POST /models/{name}[/versions/{version}]/infer  ``parameters``: backend, timeout, binary_data_output
+    POST /repository/index                          every model version, its state and the reason
+    POST /repository/models/{name}/load             model control (``Bearer $KILN_ADMIN_TOKEN``)
+    POST /repository/models/{name}/unload           model control
 
-Errors are ``{"error": "<message>"}`` with 400 (bad request), 404 (unknown model/version/route),
-413 (body over ``max_request_bytes``), 503 (not ready) or 500 (a bug; logged with its traceback).
+Request ``parameters`` reach the model the same way over HTTP and gRPC: ``backend`` (string) picks the
+runtime. The ``?backend=`` query parameter of earlier releases still works and is deprecated.
+
+Request bodies are parsed here, not by FastAPI (the binary extension appends raw bytes to the JSON), so
+every error names the tensor or field; the pydantic models of :mod:`serving.oip.schemas` describe the
+bodies in the OpenAPI document BentoML serves at ``/docs.json``. Errors are ``{"error": "<message>"}``
+with 400 (bad request), 401/403 (model control without / with a wrong token), 404 (unknown
+model/version/route), 413 (body over ``max_request_bytes``), 503 (not ready) or 500 (a bug; logged).
 
 Starlette's ``Mount("/v2", app)`` only matches ``/v2/...``; a bare ``GET /v2`` gets a 307 redirect to
 ``/v2/`` from the parent router. :class:`MountRootMiddleware`, added to the parent app (BentoML:
@@ -30,21 +40,28 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.applications import Starlette
+from fastapi import FastAPI
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiln import __version__ as _KILN_VERSION
+from serving.batching import request_timeout, timeout_parameter
 from serving.metrics import UNKNOWN_MODEL, record_request
-from serving.oip import codec
+from serving.oip import codec, control, schemas
 from serving.repository import InferenceError, ModelRepository, ServedModel, TensorSpec
 
 logger = logging.getLogger(__name__)
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+    "model_repository",  # unload_dependents is accepted and moot: no Kiln model depends on another
+    "statistics",
+]
 _HEADER_LENGTH = "inference-header-content-length"  # binary tensor extension: bytes of JSON before the data
 _TRITON_CONFIG_TYPES = {"BYTES": "TYPE_STRING"}  # model_config.proto names; the others are TYPE_<name>
 
@@ -57,7 +74,9 @@ def create_oip_app(
     max_request_bytes: int,
     server_name: str = "kiln",
     server_version: str = _KILN_VERSION,
-) -> Starlette:
+    admin_token: str = "",
+    model_examples: list[str] | None = None,
+) -> FastAPI:
     """Build the Open Inference Protocol HTTP app over ``repo``.
 
     Args:
@@ -66,9 +85,11 @@ def create_oip_app(
             ``Content-Length`` or found while streaming a chunked body.
         server_name: ``name`` in the server metadata.
         server_version: ``version`` in the server metadata.
+        admin_token: Bearer token that model control (load/unload) requires; "" turns it off.
+        model_examples: Model names the OpenAPI document gives as examples of ``{name}``.
 
     Returns:
-        A Starlette app whose routes are relative to its mount point (``/v2``).
+        A FastAPI app whose routes are relative to its mount point (``/v2``).
 
     Raises:
         ValueError: ``max_request_bytes`` is not positive.
@@ -83,7 +104,8 @@ def create_oip_app(
         return Response(status_code=200)
 
     async def ready(request: Request) -> Response:
-        return Response(status_code=200 if repo.ready() else 503)
+        reason = repo.not_ready_reason()  # strict readiness: see ModelRepository
+        return Response(status_code=200) if reason is None else _error(503, f"not ready: {reason}")
 
     async def model_metadata(request: Request) -> Response:
         model = _model(repo, request)
@@ -108,11 +130,18 @@ def create_oip_app(
                 "name": model.name,
                 "version": model.version,
                 "platform": model.platform,
+                "backend": model.backends[0],
                 "backends": list(model.backends),
                 "max_batch_size": model.max_batch_size,
                 "input": [_config_tensor(spec, batched) for spec in model.inputs],
                 "output": [_config_tensor(spec, batched) for spec in model.outputs],
             }
+        )
+
+    async def model_stats(request: Request) -> Response:
+        name = request.path_params.get("name", "")
+        return JSONResponse(
+            {"model_stats": control.statistics(repo, name, request.path_params.get("version", ""))}
         )
 
     async def repository_index(request: Request) -> Response:
@@ -131,21 +160,37 @@ def create_oip_app(
             ]
         )
 
+    async def _control_parameters(request: Request) -> dict[str, Any]:
+        control.authorize(admin_token, request.headers.get("authorization"))
+        body = await _read_body(request, max_request_bytes)
+        return _parameters(_parse_json(body).get("parameters"), "request") if body.strip() else {}
+
+    async def load(request: Request) -> Response:
+        parameters = await _control_parameters(request)
+        return JSONResponse(await control.load(repo, request.path_params["name"], parameters))
+
+    async def unload(request: Request) -> Response:
+        parameters = await _control_parameters(request)
+        return JSONResponse(await control.unload(repo, request.path_params["name"], parameters))
+
     async def infer(request: Request) -> Response:
         start = time.perf_counter()
         labels = (UNKNOWN_MODEL, "", "")
         ok = False
         try:
             model = _model(repo, request)
-            backend = request.query_params.get("backend") or None
-            labels = (model.name, model.version, codec.backend_label(model, backend))
-            codec.require_ready(model)
             body = await _read_body(request, max_request_bytes)
             header, binary = _split_body(body, request.headers.get(_HEADER_LENGTH))
+            parameters = _parameters(header.get("parameters"), "request")
+            backend = _backend(parameters, request.query_params.get("backend"))
+            labels = (model.name, model.version, codec.backend_label(model, backend))
+            codec.require_ready(model)
             inputs, requested, binary_default = _parse_infer_request(header, binary)
             arrays = codec.decode_inputs(model, inputs)
             selected = codec.select_outputs(model, requested, binary_default=binary_default)
-            results = await model.infer(arrays, backend=backend)
+            timeout = timeout_parameter(parameters)
+            with request_timeout(None if timeout is None else timeout - (time.perf_counter() - start)):
+                results = await model.infer(arrays, backend=backend)
             response = _infer_response(
                 model, header.get("id"), codec.encode_outputs(model, results, selected)
             )
@@ -154,21 +199,198 @@ def create_oip_app(
         finally:
             record_request(*labels, "http", ok, time.perf_counter() - start)
 
-    model_paths = ["/models/{name}", "/models/{name}/versions/{version}"]
-    routes = [
-        Route("/", _guarded(server_metadata), methods=["GET"]),
-        Route("/health/live", _guarded(live), methods=["GET"]),
-        Route("/health/ready", _guarded(ready), methods=["GET"]),
-        Route("/repository/index", _guarded(repository_index), methods=["POST"]),
-    ]
-    for path in model_paths:
-        routes += [
-            Route(path, _guarded(model_metadata), methods=["GET"]),
-            Route(f"{path}/ready", _guarded(model_ready), methods=["GET"]),
-            Route(f"{path}/config", _guarded(model_config), methods=["GET"]),
-            Route(f"{path}/infer", _guarded(infer), methods=["POST"]),
-        ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+    app = FastAPI(
+        title="Kiln Open Inference Protocol",
+        version=server_version,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # BentoML serves the merged document at /docs.json
+    )
+    app.add_exception_handler(HTTPException, _http_exception)
+
+    def route(path: str, handler: Handler, method: str, ok: type[BaseModel] | None, **doc: Any) -> None:
+        responses: dict[int | str, Any] = {
+            code: {"model": schemas.Error, "description": why} for code, why in doc.pop("errors", {}).items()
+        }
+        responses[200] = {"model": ok, "description": "OK"} if ok else {"description": "OK (empty body)"}
+        app.add_api_route(
+            path,
+            _guarded(handler),
+            methods=[method],
+            responses=responses,
+            openapi_extra=_operation_extra(
+                path, doc.pop("body", None), doc.pop("admin", False), model_examples or []
+            ),
+            response_class=JSONResponse,
+            include_in_schema=True,
+            operation_id=doc.pop("operation_id"),
+            summary=doc.pop("summary"),
+            tags=["Open Inference Protocol"],
+        )
+
+    not_found = {404: "Unknown model or version."}
+    unavailable = {503: "The model is not ready or UNAVAILABLE (the error says why)."}
+    route(
+        "/",
+        server_metadata,
+        "GET",
+        schemas.ServerMetadata,
+        operation_id="server_metadata",
+        summary="Server name, version and protocol extensions",
+    )
+    route("/health/live", live, "GET", None, operation_id="server_live", summary="The server answers")
+    route(
+        "/health/ready",
+        ready,
+        "GET",
+        None,
+        operation_id="server_ready",
+        summary="Every configured model is ready (strict readiness)",
+        errors={503: "Not ready, and why."},
+    )
+    route(
+        "/repository/index",
+        repository_index,
+        "POST",
+        None,
+        operation_id="repository_index",
+        summary="Every model version, its state and why it is UNAVAILABLE",
+        body=schemas.RepositoryIndexRequest,
+        errors={400: "Malformed body."},
+    )
+    admin_errors = {
+        400: "Malformed body or a model that failed to load (the error says why).",
+        401: "No admin token.",
+        403: "Wrong admin token, or model control is disabled (KILN_ADMIN_TOKEN unset).",
+        404: "Unknown model or version.",
+    }
+    for verb, handler, ok in (
+        ("load", load, schemas.LoadResponse),
+        ("unload", unload, schemas.UnloadResponse),
+    ):
+        route(
+            f"/repository/models/{{name}}/{verb}",
+            handler,
+            "POST",
+            ok,
+            operation_id=f"repository_model_{verb}",
+            summary=f"Model control: {verb} a model (version)",
+            body=schemas.ModelControlRequest,
+            admin=True,
+            errors=admin_errors,
+        )
+    route(
+        "/models/stats",
+        model_stats,
+        "GET",
+        schemas.ModelStatisticsResponse,
+        operation_id="statistics",
+        summary="Statistics of every loaded model",
+    )
+    for path, suffix in (("/models/{name}", ""), ("/models/{name}/versions/{version}", "_version")):
+        route(
+            path,
+            model_metadata,
+            "GET",
+            schemas.ModelMetadata,
+            operation_id=f"model_metadata{suffix}",
+            summary="A model's versions, platform, inputs and outputs",
+            errors={**not_found, **unavailable},
+        )
+        route(
+            f"{path}/ready",
+            model_ready,
+            "GET",
+            None,
+            operation_id=f"model_ready{suffix}",
+            summary="Whether the model is ready",
+            errors={**not_found, **unavailable},
+        )
+        route(
+            f"{path}/config",
+            model_config,
+            "GET",
+            schemas.ModelConfig,
+            operation_id=f"model_config{suffix}",
+            summary="The model's configuration (Triton-style subset)",
+            errors={**not_found, **unavailable},
+        )
+        route(
+            f"{path}/stats",
+            model_stats,
+            "GET",
+            schemas.ModelStatisticsResponse,
+            operation_id=f"model_statistics{suffix}",
+            summary="The model's statistics (Triton's extension)",
+            errors=not_found,
+        )
+        route(
+            f"{path}/infer",
+            infer,
+            "POST",
+            schemas.InferenceResponse,
+            operation_id=f"model_infer{suffix}",
+            summary="Run inference (JSON, or JSON + binary tensor data)",
+            body=schemas.InferenceRequest,
+            errors={
+                400: "Malformed request; the error names the tensor or field.",
+                413: "Body over the server's limit.",
+                429: "The model's queue is full.",
+                **not_found,
+                **unavailable,
+            },
+        )
+    return app
+
+
+def _operation_extra(
+    path: str, body: type[BaseModel] | None, admin: bool, model_examples: list[str]
+) -> dict[str, Any]:
+    """OpenAPI for what FastAPI cannot see: path parameters, request bodies (parsed by the handlers),
+    the admin token."""
+    extra: dict[str, Any] = {"parameters": []}
+    for p in ("name", "version"):
+        if "{" + p + "}" in path:
+            parameter = {
+                "name": p,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "minLength": 1},
+            }
+            if p == "name" and model_examples:
+                parameter["examples"] = {m: {"value": m} for m in model_examples}
+            extra["parameters"].append(parameter)
+    if path.endswith("/infer"):
+        extra["parameters"].append(
+            {
+                "name": "backend",
+                "in": "query",
+                "required": False,
+                "deprecated": True,
+                "schema": {"type": "string"},
+                "description": "Deprecated: use the request parameter 'backend'.",
+            }
+        )
+    if body is not None:
+        content: dict[str, Any] = {"application/json": {"schema": schemas.inline_schema(body)}}
+        if body is schemas.InferenceRequest:
+            content["application/octet-stream"] = {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Binary tensor data extension: Inference-Header-Content-Length bytes of JSON, "
+                "then the tensors' bytes.",
+            }
+        extra["requestBody"] = {"required": body is schemas.InferenceRequest, "content": content}
+    if admin:
+        extra["parameters"].append(
+            {
+                "name": "Authorization",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "'Bearer <token>': the server's KILN_ADMIN_TOKEN.",
+            }
+        )
+    return extra
 
 
 class MountRootMiddleware:
@@ -198,7 +420,10 @@ def _guarded(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except InferenceError as exc:
-            return _error(exc.status, exc.message)
+            headers = dict(exc.headers)
+            if getattr(exc, "retry_after", None):
+                headers["Retry-After"] = exc.retry_after  # 429 from admission control
+            return _error(exc.status, exc.message, headers)
         except Exception as exc:
             logger.exception("unhandled error serving %s %s", request.method, request.url.path)
             return _error(500, f"internal server error: {type(exc).__name__}: {exc}")
@@ -206,8 +431,8 @@ def _guarded(handler: Handler) -> Handler:
     return wrapper
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -273,6 +498,8 @@ def _parse_json(data: bytes | bytearray | memoryview) -> dict[str, Any]:
         value = json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InferenceError(400, f"malformed JSON in request body: {exc}") from None
+    except RecursionError:
+        raise InferenceError(400, "JSON in request body is nested too deeply") from None
     if not isinstance(value, dict):
         raise InferenceError(400, f"request body must be a JSON object, got {type(value).__name__}")
     return value
@@ -334,6 +561,16 @@ def _parse_infer_request(
             codec.requested_output(name, _parameters(item.get("parameters"), f"output {name!r}"))
         )
     return inputs, requested, codec.binary_data_output(parameters)
+
+
+def _backend(parameters: dict[str, Any], query: str | None) -> str | None:
+    """The backend a request asks for: request parameter ``backend``, or the deprecated query parameter."""
+    backend = parameters.get("backend")
+    if backend is not None and not isinstance(backend, str):
+        raise InferenceError(400, f"parameter 'backend' must be a string, got {backend!r}")
+    if query and backend and query != backend:
+        raise InferenceError(400, f"?backend={query} and parameter 'backend'={backend!r} disagree; send one")
+    return backend or query or None
 
 
 def _parameters(value: Any, owner: str) -> dict[str, Any]:

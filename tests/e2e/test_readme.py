@@ -49,6 +49,21 @@ def test_first_requests_curl(server, index, tmp_path):
     assert "error" not in r.stdout.lower(), r.stdout
 
 
+def test_every_readme_curl_fails_on_http_errors():
+    """curl exits 0 on a 4xx/5xx answer unless told to fail: every call in the README's shell blocks must,
+    so a README request that breaks fails its block (and test_first_requests_curl) instead of printing
+    an error body."""
+    calls = [
+        line
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", README, flags=re.S)
+        for line in block.splitlines()
+        if re.search(r"(^|\|)\s*curl\s", line)
+    ]
+    assert calls
+    for line in calls:
+        assert re.search(r"\s(--fail-with-body|--fail|-f)\s", line), line
+
+
 @pytest.mark.parametrize("index", range(len(_blocks("### First requests", "python"))))
 def test_first_requests_python(server, index):
     code = _rewrite(_blocks("### First requests", "python")[index], server)

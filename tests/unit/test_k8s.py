@@ -1,18 +1,26 @@
-"""The kustomize base and overlays in ``k8s/`` render, validate, and reference each other consistently.
+"""The kustomize targets in ``k8s/`` render, validate, and hold together.
 
 Each target is rendered with ``kubectl kustomize`` (kustomize built into kubectl). Core resources are
 validated with ``kubernetes-validate`` in strict mode (unknown fields fail) against the schemas of
-``K8S_VERSION``; the ServiceMonitor, a prometheus-operator CRD that those schemas do not know, is validated
-against the schema vendored in ``k8s/schemas/``. The cross-reference checks catch what schemas cannot:
-a Service selecting no pods, a probe on an undeclared port, a ServiceMonitor scraping a missing port.
+``K8S_VERSION``; the prometheus-operator CRDs (ServiceMonitor, PrometheusRule), which those schemas do not
+know, against the schemas vendored in ``k8s/schemas/``. The other tests check properties rather than
+literal values: every family's Service, PDB and HPA reach that family's pods and no other's, probes and
+Service ports name ports the containers declare, the Ingress routes each served model and task route to the
+family that serves it, the HPA's custom metric is one prometheus-adapter serves from a series Kiln exports,
+the GPU overlay's engine build runs a real format and fails with its reason where there is no GPU, and
+the Dockerfile's build context, user, ports and paths match the manifests.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
+import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -20,20 +28,18 @@ import kubernetes_validate
 import pytest
 import yaml
 
-K8S_DIR = Path(__file__).resolve().parents[2] / "k8s"
-TARGETS = ("base", "overlays/cpu", "overlays/gpu")
+ROOT = Path(__file__).resolve().parents[2]
+K8S_DIR = ROOT / "k8s"
+SERVING_TARGETS = ("base", "overlays/cpu", "overlays/gpu")
+TARGETS = (*SERVING_TARGETS, "monitoring")
+FAMILIES = sorted(p.name for p in (K8S_DIR / "families").iterdir() if (p / "kustomization.yaml").is_file())
 # Kubernetes release whose API schemas the core resources are validated against; matches the kubectl/kustomize
 # used to render, and is one that kubernetes-validate ships schemas for.
 K8S_VERSION = "1.32.0"
-EXPECTED_KINDS = {
-    "ConfigMap",
-    "Service",
-    "Deployment",
-    "HorizontalPodAutoscaler",
-    "PodDisruptionBudget",
-    "ServiceMonitor",
-}
+CRD_SCHEMAS = {"ServiceMonitor": "servicemonitor_v1.json", "PrometheusRule": "prometheusrule_v1.json"}
 GPU_RESOURCE = "nvidia.com/gpu"
+FAMILY_LABEL = "kiln.dev/family"
+SECRET_KEYS = {"KILN_ADMIN_TOKEN", "KILN_LLM_API_KEY"}
 
 
 @functools.cache
@@ -52,193 +58,439 @@ def _render(target: str) -> tuple[dict, ...]:
 
 
 @functools.cache
-def _servicemonitor_validator() -> jsonschema.Draft202012Validator:
-    schema = json.loads((K8S_DIR / "schemas" / "servicemonitor_v1.json").read_text())
+def _crd_validator(kind: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((K8S_DIR / "schemas" / CRD_SCHEMAS[kind]).read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
 
 
-def _one(docs: tuple[dict, ...], kind: str) -> dict:
-    found = [doc for doc in docs if doc["kind"] == kind]
-    assert len(found) == 1, f"expected exactly one {kind}, found {len(found)}"
+def _all(docs, kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def _one(docs, kind: str, name: str | None = None) -> dict:
+    found = [d for d in _all(docs, kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected exactly one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
 
-def _containers(deployment: dict) -> list[dict]:
-    return deployment["spec"]["template"]["spec"]["containers"]
+def _pod(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]
+
+
+def _containers(deployment: dict, init: bool = True) -> list[dict]:
+    pod = _pod(deployment)
+    return pod["containers"] + (pod.get("initContainers", []) if init else [])
 
 
 def _selects(selector: dict, labels: dict) -> bool:
-    """Whether a ``matchLabels``-only label selector selects ``labels``."""
-    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are checked here, got {selector}"
-    match = selector.get("matchLabels", {})
-    return bool(match) and all(labels.get(key) == value for key, value in match.items())
+    """Whether a Service selector (a plain map) or a ``matchLabels``-only selector selects ``labels``."""
+    if "matchLabels" in selector or "matchExpressions" in selector:
+        assert set(selector) == {"matchLabels"}, (
+            f"only matchLabels selectors are checked here, got {selector}"
+        )
+        selector = selector["matchLabels"]
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_renders_expected_kinds(target: str) -> None:
+def _pod_labels(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def _config(docs, deployment: dict) -> dict:
+    (ref,) = [s["configMapRef"]["name"] for s in _pod(deployment)["containers"][0]["envFrom"]]
+    return _one(docs, "ConfigMap", ref)["data"]
+
+
+def _family_deployments(docs) -> dict[str, dict]:
+    return {_pod_labels(d)[FAMILY_LABEL]: d for d in _all(docs, "Deployment")}
+
+
+# --- rendering and schemas --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_every_family_renders_its_own_stack(target: str) -> None:
     docs = _render(target)
-    assert sorted(doc["kind"] for doc in docs) == sorted(EXPECTED_KINDS)
+    assert FAMILIES and set(FAMILIES) >= {"vision", "generation"}
+    assert sorted(_family_deployments(docs)) == FAMILIES
+    for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"):
+        assert len(_all(docs, kind)) == len(FAMILIES), kind
+    assert len(_all(docs, "Ingress")) == 1 and len(_all(docs, "ServiceMonitor")) == 1
+    assert not _all(docs, "Secret"), "Secrets are created by the operator, never rendered from the repository"
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_resources_match_schemas(target: str) -> None:
     for doc in _render(target):
-        if doc["kind"] == "ServiceMonitor":
-            _servicemonitor_validator().validate(doc)
+        if doc["kind"] in CRD_SCHEMAS:
+            _crd_validator(doc["kind"]).validate(doc)
         else:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
 def test_strict_validation_rejects_unknown_fields() -> None:
-    """Both validators fail on a misspelt field, so the green runs above mean something."""
-    deployment = json.loads(json.dumps(_one(_render("base"), "Deployment")))
+    """Every validator fails on a misspelt field, so the green runs above mean something."""
+    deployment = json.loads(json.dumps(_all(_render("base"), "Deployment")[0]))
     deployment["spec"]["replica"] = 2
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
-
     monitor = json.loads(json.dumps(_one(_render("base"), "ServiceMonitor")))
     monitor["spec"]["endpoints"][0]["intervall"] = "15s"
     with pytest.raises(jsonschema.ValidationError):
-        _servicemonitor_validator().validate(monitor)
+        _crd_validator("ServiceMonitor").validate(monitor)
+    rule = json.loads(json.dumps(_one(_render("monitoring"), "PrometheusRule")))
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "5m"  # `for` on a recording rule
+    with pytest.raises(jsonschema.ValidationError):
+        _crd_validator("PrometheusRule").validate(rule)
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_service_and_pdb_select_the_deployment_pods(target: str) -> None:
+# --- selectors, ports, probes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_each_family_selects_its_own_pods_and_no_others(target: str) -> None:
     docs = _render(target)
-    deployment = _one(docs, "Deployment")
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert _selects(deployment["spec"]["selector"], pod_labels)
-    service_selector = _one(docs, "Service")["spec"]["selector"]
-    assert service_selector and all(pod_labels.get(k) == v for k, v in service_selector.items())
-    assert _selects(_one(docs, "PodDisruptionBudget")["spec"]["selector"], pod_labels)
+    deployments = _family_deployments(docs)
+    for family, deployment in deployments.items():
+        assert _selects(deployment["spec"]["selector"], _pod_labels(deployment)), family
+        name = deployment["metadata"]["name"]
+        for kind in ("Service", "PodDisruptionBudget"):
+            selector = _one(docs, kind, name)["spec"]["selector"]
+            for other, other_deployment in deployments.items():
+                assert _selects(selector, _pod_labels(other_deployment)) == (other == family), (
+                    kind,
+                    name,
+                    other,
+                )
+        spread = _pod(deployment).get("topologySpreadConstraints", [])
+        for constraint in spread:
+            for other, other_deployment in deployments.items():
+                assert _selects(constraint["labelSelector"], _pod_labels(other_deployment)) == (
+                    other == family
+                )
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_ports_and_probes_reference_declared_container_ports(target: str) -> None:
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_probes_and_service_ports_reference_declared_container_ports(target: str) -> None:
     docs = _render(target)
-    (container,) = _containers(_one(docs, "Deployment"))
-    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"http": 3000, "grpc": 8001}
-    expected_paths = {
-        "livenessProbe": "/v2/health/live",
-        "readinessProbe": "/v2/health/ready",
-        "startupProbe": "/v2/health/ready",
-    }
-    for probe, path in expected_paths.items():
-        http_get = container[probe]["httpGet"]
-        assert http_get["path"] == path, probe
-        assert http_get["port"] == "http", probe
+    for deployment in _all(docs, "Deployment"):
+        (server,) = _containers(deployment, init=False)
+        ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            port = server[probe]["httpGet"]["port"]
+            assert port in ports or port in ports.values(), (probe, port)
+            assert server[probe]["httpGet"]["path"].startswith("/v2/health/"), probe
+        # readiness and startup wait for the models; liveness only for the process
+        assert server["readinessProbe"]["httpGet"]["path"] == server["startupProbe"]["httpGet"]["path"]
+        assert server["livenessProbe"]["httpGet"]["path"] != server["readinessProbe"]["httpGet"]["path"]
+        service = _one(docs, "Service", deployment["metadata"]["name"])
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports or port["targetPort"] in ports.values(), port
+        grpc = [p for p in service["spec"]["ports"] if p.get("appProtocol") == "grpc"]
+        assert grpc and all(ports.get(p["targetPort"], p["targetPort"]) != ports["http"] for p in grpc)
+        # the command listens where the ports say
+        command = server["command"]
+        for flag, name in (("--http-port", "http"), ("--grpc-port", "grpc")):
+            assert int(command[command.index(flag) + 1]) == ports[name], flag
 
-    service_ports = {port["name"]: port for port in _one(docs, "Service")["spec"]["ports"]}
-    assert set(service_ports) == {"http", "grpc", "metrics"}
-    for port in service_ports.values():
-        assert port["targetPort"] in ports, f"Service port {port['name']} targets an undeclared port"
-    assert service_ports["grpc"]["appProtocol"] == "grpc"
-    assert (service_ports["metrics"]["port"], service_ports["metrics"]["targetPort"]) == (9090, "http")
 
-
-@pytest.mark.parametrize("target", TARGETS)
-def test_servicemonitor_scrapes_a_service_port(target: str) -> None:
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_servicemonitor_scrapes_every_family_on_a_service_port(target: str) -> None:
     docs = _render(target)
-    service = _one(docs, "Service")
     monitor = _one(docs, "ServiceMonitor")
-    assert _selects(monitor["spec"]["selector"], service["metadata"]["labels"])
-    service_port_names = {port["name"] for port in service["spec"]["ports"]}
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] in service_port_names
-    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("metrics", "/metrics", "15s")
+    for service in _all(docs, "Service"):
+        assert _selects(monitor["spec"]["selector"], service["metadata"]["labels"]), service["metadata"][
+            "name"
+        ]
+        names = {p["name"] for p in service["spec"]["ports"]}
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["port"] in names and endpoint["path"] == "/metrics"
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_hpa_scales_the_deployment(target: str) -> None:
+# --- scaling ------------------------------------------------------------------------------------------
+
+
+def _adapter_metrics() -> dict[str, dict]:
+    values = yaml.safe_load((K8S_DIR / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    return {rule["name"]["as"]: rule for rule in values["rules"]["custom"]}
+
+
+def _kiln_series() -> set[str]:
+    from monitoring_series import kiln_series
+
+    return kiln_series()
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_each_hpa_scales_its_family_on_a_metric_the_adapter_serves(target: str) -> None:
     docs = _render(target)
-    hpa = _one(docs, "HorizontalPodAutoscaler")["spec"]
-    deployment = _one(docs, "Deployment")
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "kiln"}
-    assert deployment["metadata"]["name"] == hpa["scaleTargetRef"]["name"]
-    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
-    assert 2 <= hpa["minReplicas"] < hpa["maxReplicas"] <= 10
-    (metric,) = hpa["metrics"]
-    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+    adapter = _adapter_metrics()
+    series = _kiln_series()
+    for hpa in _all(docs, "HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        deployment = _one(docs, ref["kind"], ref["name"])
+        assert ref["apiVersion"] == deployment["apiVersion"] and hpa["metadata"]["name"] == ref["name"]
+        assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+        assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+        pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        assert pods, "scales on a custom metric, not only CPU"
+        for metric in pods:
+            rule = adapter[metric["metric"]["name"]]  # KeyError: prometheus-adapter does not serve it
+            queried = set(re.findall(r"\b(kiln_[a-z_]+)\b", rule["seriesQuery"] + rule["metricsQuery"]))
+            assert queried and queried <= series, queried - series
+            assert {"namespace", "pod"} <= set(rule["resources"]["overrides"])
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_env_comes_from_the_rendered_configmap(target: str) -> None:
-    docs = _render(target)
-    configmap = _one(docs, "ConfigMap")
-    (container,) = _containers(_one(docs, "Deployment"))
-    config_refs = [source["configMapRef"]["name"] for source in container["envFrom"]]
-    assert config_refs == [configmap["metadata"]["name"]]
-    assert configmap["metadata"]["name"].startswith("kiln-config")
-    expected = {
-        "KILN_HOME": "/var/lib/kiln",
-        "KILN_MODELS": "vit-soft,vit-softmax,diffusion-digits,forecaster-goog-daily,forecaster-eurusd-hourly,"
-        "embed-old,embed-new-oca,xbt-old,xbt-new-text",
-        "KILN_BATCH_MAX_SIZE": "32",
-        "KILN_BATCH_WINDOW_MS": "2",
-        "KILN_MAX_REQUEST_BYTES": "8388608",
-        "KILN_LOG_LEVEL": "INFO",
-    }
-    assert {key: configmap["data"][key] for key in expected} == expected
+# --- configuration, secrets ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_configmap_is_a_valid_server_configuration(target: str, monkeypatch) -> None:
-    """Every key is a setting Kiln reads, and the server would start with these values."""
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_each_family_serves_trainable_models_with_a_valid_configuration(target: str, monkeypatch) -> None:
     from serving.config import ServeConfig
+    from training.recipes import RECIPES
 
-    data = _one(_render(target), "ConfigMap")["data"]
-    for key, value in data.items():
-        monkeypatch.setenv(key, value)
-    config = ServeConfig.from_env()  # raises ConfigError on a bad value (e.g. an unknown backend)
-    read = {f"KILN_{field.upper()}" for field in ServeConfig.__dataclass_fields__} | {"KILN_HOME"}
-    assert set(data) <= read, f"ConfigMap keys Kiln never reads: {sorted(set(data) - read)}"
-    assert config.backend == data["KILN_BACKEND"]
-
-
-@pytest.mark.parametrize("target", TARGETS)
-def test_every_container_has_requests_and_limits(target: str) -> None:
-    pod = _one(_render(target), "Deployment")["spec"]["template"]["spec"]
-    for container in pod["containers"] + pod.get("initContainers", []):
-        for kind in ("requests", "limits"):
-            assert {"cpu", "memory"} <= set(container["resources"].get(kind, {})), (container["name"], kind)
-
-
-@pytest.mark.parametrize("target", TARGETS)
-def test_runs_as_non_root_on_a_read_only_root(target: str) -> None:
-    pod = _one(_render(target), "Deployment")["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    volumes = {volume["name"]: volume for volume in pod["volumes"]}
-    for container in pod["containers"]:
-        context = container["securityContext"]
-        assert context["readOnlyRootFilesystem"] is True
-        assert context["allowPrivilegeEscalation"] is False
-        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
-        assert "emptyDir" in volumes[mounts["/tmp"]]
-
-
-@pytest.mark.parametrize(
-    ("target", "image", "backend"),
-    [("base", "kiln:0.1.0", "onnxruntime"), ("overlays/cpu", "kiln:0.1.0", "onnxruntime")],
-)
-def test_cpu_targets_request_no_gpu(target: str, image: str, backend: str) -> None:
     docs = _render(target)
-    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
-    for container in pod["containers"]:
-        assert container["image"] == image
-        for kind in ("requests", "limits"):
-            assert GPU_RESOURCE not in container["resources"].get(kind, {})
-    assert "nodeSelector" not in pod and "tolerations" not in pod
-    assert _one(docs, "ConfigMap")["data"]["KILN_BACKEND"] == backend
+    served = []
+    for family, deployment in _family_deployments(docs).items():
+        data = _config(docs, deployment)
+        for key, value in data.items():
+            monkeypatch.setenv(key, value)
+        config = ServeConfig.from_env()  # raises ConfigError on a bad value (e.g. an unknown backend)
+        read = {f"KILN_{f.upper()}" for f in ServeConfig.__dataclass_fields__} | _settings_in_code()
+        assert set(data) <= read, f"ConfigMap keys Kiln never reads: {sorted(set(data) - read)}"
+        assert config.models and set(config.models) <= set(RECIPES), (family, config.models)
+        served += config.models
+        for container in _containers(deployment):
+            refs = [s["configMapRef"]["name"] for s in container.get("envFrom", [])]
+            assert refs == [_one(docs, "ConfigMap", refs[0])["metadata"]["name"]], container["name"]
+    assert len(served) == len(set(served)), "each model is served by one family"
 
 
-def test_gpu_overlay_requests_a_gpu_on_gpu_nodes() -> None:
+@functools.cache
+def _settings_in_code() -> set[str]:
+    """``KILN_*`` names Kiln's packages read (a family's own settings, e.g. KILN_MILVUS_URI, KILN_HOME)."""
+    names = set()
+    for package in ("kiln", "serving", "export", "training", "model_zoo"):
+        for path in (ROOT / package).rglob("*.py"):
+            names |= set(re.findall(r"\b(KILN_[A-Z0-9_]+[A-Z0-9])\b", path.read_text()))
+    return names
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_tokens_and_keys_come_from_secrets_not_configmaps(target: str) -> None:
+    docs = _render(target)
+    for configmap in _all(docs, "ConfigMap"):
+        leaked = [k for k in configmap["data"] if re.search(r"TOKEN|KEY|PASSWORD|SECRET", k)]
+        assert not leaked, f"{configmap['metadata']['name']} holds secrets: {leaked}"
+    for deployment in _all(docs, "Deployment"):
+        (server,) = _containers(deployment, init=False)
+        from_secrets = {
+            e["name"]: e["valueFrom"]["secretKeyRef"] for e in server.get("env", []) if "valueFrom" in e
+        }
+        assert set(from_secrets) >= SECRET_KEYS
+        for name, ref in from_secrets.items():
+            assert ref["key"] == name and ref["name"] == "kiln-secrets"
+
+
+# --- the one entry ----------------------------------------------------------------------------------
+
+
+def _task_routes() -> dict[str, set[str]]:
+    from serving.repository import ModelRepository
+    from serving.tasks import TASKS
+
+    return {task: {r.path for r in make(ModelRepository()).routes} for task, (_, make) in TASKS.items()}
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_the_ingress_routes_every_model_and_task_route_to_the_family_serving_it(target: str) -> None:
+    from training.recipes import RECIPES
+
+    docs = _render(target)
+    ingress = _one(docs, "Ingress")
+    services = {s["metadata"]["name"]: s for s in _all(docs, "Service")}
+    routes = {}
+    for rule in ingress["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            service = services[backend["name"]]  # KeyError: routes to a Service that does not exist
+            assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+            assert path["path"] not in routes, f"{path['path']} is routed twice"
+            routes[path["path"]] = backend["name"]
+    default = ingress["spec"]["defaultBackend"]["service"]
+    assert default["name"] in services
+    task_routes = _task_routes()
+    for deployment in _all(docs, "Deployment"):
+        name = deployment["metadata"]["name"]
+        models = _config(docs, deployment)["KILN_MODELS"].split(",")
+        for model in models:
+            assert routes.get(f"/v2/models/{model}") == name, f"/v2/models/{model} does not reach {name}"
+            for route in task_routes[RECIPES[model].task]:
+                assert routes.get(route) == name, (
+                    f"{route} (task {RECIPES[model].task}) does not reach {name}"
+                )
+
+
+# --- pods: resources, security ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_every_container_has_requests_and_limits(target: str) -> None:
+    for deployment in _all(_render(target), "Deployment"):
+        for container in _containers(deployment):
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"].get(kind, {})), (
+                    container["name"],
+                    kind,
+                )
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_runs_as_non_root_on_a_read_only_root_with_writable_scratch(target: str) -> None:
+    for deployment in _all(_render(target), "Deployment"):
+        pod = _pod(deployment)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        for container in _containers(deployment):
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert all(name in volumes for name in mounts.values())
+            assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize("target", ["base", "overlays/cpu"])
+def test_cpu_targets_request_no_gpu(target: str) -> None:
+    docs = _render(target)
+    for deployment in _all(docs, "Deployment"):
+        pod = _pod(deployment)
+        for container in _containers(deployment):
+            for kind in ("requests", "limits"):
+                assert GPU_RESOURCE not in container["resources"].get(kind, {})
+        assert "nodeSelector" not in pod and "tolerations" not in pod and "initContainers" not in pod
+        assert not _config(docs, deployment)["KILN_BACKEND"].startswith("tensorrt")
+
+
+# --- the GPU overlay builds its engines ---------------------------------------------------------------
+
+
+def _engine_build(deployment: dict) -> dict:
+    (init,) = _pod(deployment)["initContainers"]
+    return init
+
+
+def test_gpu_pods_build_tensorrt_engines_for_their_own_gpu_and_serve_them() -> None:
+    from export.quantize import get_quantizer
+
     docs = _render("overlays/gpu")
-    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["image"] == "kiln:0.1.0-gpu"
-    assert str(container["resources"]["limits"][GPU_RESOURCE]) == "1"
-    assert pod["nodeSelector"]
-    assert any(toleration["key"] == GPU_RESOURCE for toleration in pod["tolerations"])
-    assert _one(docs, "ConfigMap")["data"]["KILN_BACKEND"] == "tensorrt-fp16"
+    for deployment in _all(docs, "Deployment"):
+        pod = _pod(deployment)
+        assert pod["nodeSelector"] and any(t["key"] == GPU_RESOURCE for t in pod["tolerations"])
+        for container in _containers(deployment):
+            assert str(container["resources"]["limits"][GPU_RESOURCE]) == "1", container["name"]
+        config = _config(docs, deployment)
+        init = _engine_build(deployment)
+        script = init["command"][-1]
+        formats = re.findall(r"kiln export \S+ --format (\S+)", script)
+        assert formats, "the init container runs `kiln export --format <engine>`"
+        for fmt in formats:
+            quantizer = get_quantizer(fmt)  # ValueError: not a real export format
+            assert quantizer.output_suffix.endswith(".plan")
+            assert config["KILN_BACKEND"] == f"tensorrt-{quantizer.precision}", "serves the engine it builds"
+        # the engines land in the store the server reads: the same volume, mounted at KILN_HOME in both
+        (server,) = _containers(deployment, init=False)
+        home = config["KILN_HOME"]
+        for container in (init, server):
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert home in mounts and mounts[home] == "engines", container["name"]
+        assert init["image"] == server["image"]
+
+
+def test_the_engine_build_step_runs_and_fails_with_its_reason_without_a_gpu(tmp_path) -> None:
+    """The init container's script, run here with the repository's `kiln`: on a machine without CUDA and
+    TensorRT it must stop with the reason (never serve without the engines it promised)."""
+    from kiln.accelerators import tensorrt_status
+
+    ok, reason = tensorrt_status()
+    if ok:
+        pytest.skip("this machine can build TensorRT engines; the GPU test suite covers the build")
+    deployment = _all(_render("overlays/gpu"), "Deployment")[0]
+    script = _engine_build(deployment)["command"][-1].replace(
+        "/var/lib/kiln/.", str(tmp_path / "image") + "/."
+    )
+    env = {
+        **os.environ,
+        "KILN_HOME": str(tmp_path / "engines"),
+        "KILN_MODELS": "vit-soft",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    proc = subprocess.run(
+        ["/bin/sh", "-ec", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode != 0
+    assert "cannot build TensorRT engines" in proc.stderr and reason in proc.stderr
+
+
+# --- the image ----------------------------------------------------------------------------------------
+
+
+def _dockerfile() -> list[str]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_build_context_and_runtime_match_the_manifests() -> None:
+    lines = _dockerfile()
+    ignored = [
+        p.strip().rstrip("/")
+        for p in (ROOT / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
+    copies = [line.split()[1:-1] for line in lines if line.startswith("COPY ")]
+    assert copies
+    for sources in copies:
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: not in the build context"
+            assert not any(source == p or source.startswith(p + "/") for p in ignored), f"{source} is ignored"
+    stages = [line.split()[-1] for line in lines if line.startswith("FROM ") and " AS " in line]
+    assert {"cpu", "gpu"} <= set(stages)
+    extras = importlib.metadata.metadata("kiln").get_all("Provides-Extra")  # pyproject's optional groups
+    for extra in re.findall(r"\.\[(\w+)\]", " ".join(lines)):
+        assert extra in extras, extra
+
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    env = dict(re.findall(r"(\w+)=(\S+)", next(line for line in lines if line.startswith("ENV "))))
+    exposed = {int(p) for line in lines if line.startswith("EXPOSE ") for p in line.split()[1:]}
+    cmd = json.loads(next(line for line in lines if line.startswith("CMD ")).removeprefix("CMD "))
+    for target in SERVING_TARGETS:
+        docs = _render(target)
+        for deployment in _all(docs, "Deployment"):
+            (server,) = _containers(deployment, init=False)
+            assert users[-1] == str(_pod(deployment)["securityContext"]["runAsUser"])
+            assert {p["containerPort"] for p in server["ports"]} <= exposed
+            assert server["command"][: len(cmd)] == cmd[: len(server["command"])]
+            if target != "overlays/gpu":
+                assert _config(docs, deployment)["KILN_HOME"] == env["KILN_HOME"]
+            else:  # the init container copies the image's store from the image's KILN_HOME
+                assert f"cp -a {env['KILN_HOME']}/." in _engine_build(deployment)["command"][-1]
+            assert server["image"].split(":")[0] == "kiln"
+
+
+# --- monitoring -----------------------------------------------------------------------------------------
+
+
+def test_monitoring_renders_the_rules_and_the_dashboard_for_grafana() -> None:
+    docs = _render("monitoring")
+    rule = _one(docs, "PrometheusRule")
+    assert (
+        rule["spec"] == yaml.safe_load((K8S_DIR / "monitoring" / "prometheus-rule.yaml").read_text())["spec"]
+    )
+    dashboards = [
+        c for c in _all(docs, "ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard") == "1"
+    ]
+    (dashboard,) = dashboards
+    (text,) = dashboard["data"].values()
+    assert json.loads(text) == json.loads(
+        (K8S_DIR / "monitoring" / "dashboards" / "kiln-serving.json").read_text()
+    )

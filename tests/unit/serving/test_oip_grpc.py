@@ -14,12 +14,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import model_config_pb2 as triton_config_pb
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.utils import InferenceServerException
 
 from serving.oip import grpc_server
 from serving.oip.proto import grpc_predict_v2_pb2 as pb
 from serving.oip.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from serving.repository import InferenceError
 
 MAX_MESSAGE = 64 * 1024
 X = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]], dtype=np.float32)
@@ -273,10 +275,17 @@ def test_typed_contents_datatype_mismatch(stub):
 
 
 def test_messages_are_wire_compatible_with_tritons(target):
-    """Every field of our messages has the same number, type and label in Triton's ``grpc_service.proto``."""
+    """Every field of our messages has the same number, type and label in Triton's ``grpc_service.proto``
+    (or ``model_config.proto`` for the model configuration), and every enum value the same number."""
     for message in pb.DESCRIPTOR.message_types_by_name.values():
-        triton_message = triton_pb.DESCRIPTOR.message_types_by_name[message.name]
+        triton_message = triton_pb.DESCRIPTOR.message_types_by_name.get(
+            message.name
+        ) or triton_config_pb.DESCRIPTOR.message_types_by_name.get(message.name)
+        assert triton_message is not None, f"{message.name} is in neither of Triton's protos"
         _assert_fields_match(message, triton_message)
+    for enum in pb.DESCRIPTOR.enum_types_by_name.values():
+        theirs = triton_config_pb.DESCRIPTOR.enum_types_by_name[enum.name]
+        assert {v.name: v.number for v in enum.values} == {v.name: v.number for v in theirs.values}
     ours = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     theirs = triton_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert ours.full_name == theirs.full_name == "inference.GRPCInferenceService"
@@ -303,3 +312,12 @@ def test_start_rejects_bad_settings_and_busy_port(module_repo, target):
         asyncio.run(start(port=0, max_message_bytes=0))
     with pytest.raises(RuntimeError):
         asyncio.run(start(port=int(target.rsplit(":", 1)[1]), max_message_bytes=1024))
+
+
+def test_server_side_failures_are_internal_not_unknown():
+    """InferenceError statuses without a gRPC counterpart (500 from a failed batch, anything unmapped)
+    are INTERNAL; the client-error ones keep theirs."""
+    assert grpc_server._status_code(InferenceError(500, "inference failed")) == grpc.StatusCode.INTERNAL
+    assert grpc_server._status_code(InferenceError(418, "?")) == grpc.StatusCode.INTERNAL
+    assert grpc_server._status_code(InferenceError(401, "token")) == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_server._status_code(InferenceError(403, "token")) == grpc.StatusCode.PERMISSION_DENIED

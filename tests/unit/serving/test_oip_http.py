@@ -26,13 +26,11 @@ LIMIT = 64 * 1024
 X = [[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]]
 
 
-def _parent(repo, *, root_middleware: bool = True) -> Starlette:
+def _parent(repo, *, root_middleware: bool = True, admin_token: str = "") -> Starlette:
     """A parent app mounting the OIP app at /v2, like ``bentoml.asgi_app(app, path="/v2")``."""
     middleware = [Middleware(MountRootMiddleware, prefix="/v2")] if root_middleware else []
-    return Starlette(
-        routes=[Mount("/v2", create_oip_app(repo, max_request_bytes=LIMIT, server_version="9.9"))],
-        middleware=middleware,
-    )
+    app = create_oip_app(repo, max_request_bytes=LIMIT, server_version="9.9", admin_token=admin_token)
+    return Starlette(routes=[Mount("/v2", app)], middleware=middleware)
 
 
 @pytest.fixture
@@ -210,6 +208,50 @@ def test_backend_query_parameter(client, repo, linear_reference, recorded):
     assert recorded[-1][:5] == ("linear", "2", "_unknown_", "http", False)
 
 
+def test_backend_request_parameter_and_deprecated_query_must_agree(client, repo, linear_reference):
+    response = client.post("/v2/models/linear/infer", json=_infer_body(parameters={"backend": "double"}))
+    assert response.status_code == 200
+    y = np.array(response.json()["outputs"][0]["data"]).reshape(2, 2)
+    np.testing.assert_allclose(y, 2 * linear_reference(np.array(X)), rtol=1e-6)
+    response = client.post(
+        "/v2/models/linear/infer?backend=numpy", json=_infer_body(parameters={"backend": "double"})
+    )
+    assert response.status_code == 400 and "disagree" in response.json()["error"]
+    response = client.post("/v2/models/linear/infer", json=_infer_body(parameters={"backend": 3}))
+    assert response.status_code == 400 and "'backend' must be a string" in response.json()["error"]
+
+
+def test_classification_extension_returns_top_k_score_index(client, linear_reference):
+    body = _infer_body(outputs=[{"name": "y", "parameters": {"classification": 1}}])
+    response = client.post("/v2/models/linear/infer", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()["outputs"][0]
+    y = linear_reference(np.array(X))
+    assert out["datatype"] == "BYTES" and out["shape"] == [2, 1]
+    assert out["data"] == [f"{row.max():g}:{row.argmax()}" for row in y]
+    body = _infer_body(outputs=[{"name": "argmax", "parameters": {"classification": 1}}])
+    response = client.post("/v2/models/linear/infer", json=body)
+    assert response.status_code == 400
+    assert "needs a numeric (batch, classes) output" in response.json()["error"]
+
+
+def test_deeply_nested_json_is_400_not_a_recursion_error(client):
+    response = client.post("/v2/models/linear/infer", content=b"[" * 60_000)  # under the 64 KiB limit
+    assert response.status_code == 400 and "nested too deeply" in response.json()["error"]
+
+
+def test_model_control_needs_the_admin_token(repo):
+    with TestClient(_parent(repo, admin_token="s3cret"), raise_server_exceptions=False) as c:
+        missing = c.post("/v2/repository/models/linear/unload")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+        wrong = c.post("/v2/repository/models/linear/unload", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 403 and wrong.json()["error"] == "wrong admin token"
+        assert "linear" in repo.models  # nothing happened
+    with TestClient(_parent(repo), raise_server_exceptions=False) as c:  # no token configured: off
+        off = c.post("/v2/repository/models/linear/unload", headers={"Authorization": "Bearer s3cret"})
+        assert off.status_code == 403 and "KILN_ADMIN_TOKEN" in off.json()["error"]
+
+
 def test_binary_inputs_and_binary_outputs(client, linear_reference):
     x = np.array(X, dtype=np.float32)
     header = {
@@ -320,9 +362,13 @@ BAD_JSON_REQUESTS = {
     "duplicate input": ({"inputs": [_bad()["inputs"][0]] * 2}, "given more than once"),
     "no inputs": ({"inputs": []}, "'inputs' must be a non-empty list"),
     "unknown output": (_bad() | {"outputs": [{"name": "logits"}]}, "unknown output 'logits' requested"),
-    "classification": (
-        _bad() | {"outputs": [{"name": "y", "parameters": {"classification": 2}}]},
-        "'classification' parameter is not supported",
+    "classification not a count": (
+        _bad() | {"outputs": [{"name": "y", "parameters": {"classification": "two"}}]},
+        "'classification' must be a positive integer",
+    ),
+    "classification negative": (
+        _bad() | {"outputs": [{"name": "y", "parameters": {"classification": -1}}]},
+        "'classification' must be a positive integer",
     ),
     "binary_data not bool": (
         _bad() | {"outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]},
