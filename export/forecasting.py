@@ -9,8 +9,9 @@ The graph is exported with the FAVOR+ projection frozen (a buffer; no redraw out
   the LSTMs and the FAVOR+ feature maps stay fp32.
 - Quality of every graph: validation-period pinball loss, median MAE (log-return) and 80% interval
   coverage. The final test period is never read here: it belongs to ``kiln bench forecast``.
-- The int8 gate: the ``int8-static`` graph records ``holds_accuracy`` (validation pinball within
-  :data:`INT8_TOLERANCE` of fp32's), and the server loads an int8 graph only when it holds.
+- The int8 gate (``quality_gates``, applied by :mod:`export.pipeline` like every family's): an
+  ``int8-static`` graph whose validation pinball loss is more than :data:`INT8_TOLERANCE` above fp32's
+  is discarded with the reason and never served.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from export.gates import QualityGate
 from export.quantize import CalibrationReader
 from kiln.artifacts import Artifact
 from training.forecasting import Series, interval_metrics, load_series
@@ -59,6 +61,7 @@ class ForecastExport:
     formats = ("onnx", "int8-static")
     default_formats = ("onnx", "int8-static")
     int8_format = "int8-static"
+    quality_gates = (QualityGate("val_pinball", INT8_TOLERANCE, higher_is_better=False, relative=True),)
 
     @staticmethod
     def _split(art: Artifact, split: str):
@@ -83,11 +86,4 @@ class ForecastExport:
     def quality(self, art: Artifact, graph: Path) -> dict[str, Any]:
         s = self._split(art, "val")
         q = onnx_quantiles(graph, s.x, s.scale)
-        metrics = {
-            f"val_{k}": v for k, v in interval_metrics(q, s.y, tuple(art.manifest["quantiles"])).items()
-        }
-        fp32 = art.export("onnx")
-        if fp32 is not None and Path(graph).name != fp32["file"]:
-            limit = fp32["val_pinball"] * (1 + INT8_TOLERANCE)
-            metrics["holds_accuracy"] = bool(metrics["val_pinball"] <= limit)
-        return metrics
+        return {f"val_{k}": v for k, v in interval_metrics(q, s.y, tuple(art.manifest["quantiles"])).items()}

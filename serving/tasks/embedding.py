@@ -43,7 +43,6 @@ from serving.images import decode_image
 from serving.model import LoadedModel
 from serving.repository import InferenceError, ModelRepository, TensorSpec
 from serving.routes import observed, task_model
-from serving.runtime import available_backends, export_for
 
 log = logging.getLogger("kiln.serving.embedding")
 
@@ -93,17 +92,6 @@ class TextRuntime:
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
-def _image_backends(art: Artifact) -> dict[str, str]:
-    """Loadable runtimes, less an int8 graph that failed its retrieval quality gate at export."""
-    status = available_backends(art)
-    for backend, why in status.items():
-        _, entry = export_for(art, backend) if backend != "pytorch" else (None, None)
-        if not why and entry and entry.get("quality_gate") == "failed":
-            status[backend] = "its graph failed the retrieval quality gate at export (kiln models show)"
-            log.warning("%s: not serving %s: %s", art.tag, backend, status[backend])
-    return status
-
-
 class Embedder(LoadedModel):
     task = "embedding"
 
@@ -115,7 +103,7 @@ class Embedder(LoadedModel):
         self.compatible: dict[str, dict] = {c["space"]: c for c in e.get("compatible", [])}
         self.text_batcher = None
         if "image" in self.modality:
-            super().__init__(art, config, backends=_image_backends(art))
+            super().__init__(art, config)  # graphs discarded by their quality gate are not loadable
             self.image_size = tuple(art.manifest["preprocess"]["size"])
             if "text" in self.modality:  # the dual encoder's text tower, beside the image graph
                 text = LoadedModel(

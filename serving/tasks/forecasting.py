@@ -56,14 +56,6 @@ class Forecaster(LoadedModel):
         self.horizon: int = m["horizon"]
         self.quantiles: tuple[float, ...] = tuple(m["quantiles"])
         self.min_bars: int = m["min_bars"]
-        int8 = art.export("int8-static")
-        if int8 is not None and not int8.get("holds_accuracy", False) and "onnxruntime-int8" in self.batchers:
-            # The int8 gate (export.forecasting): a graph that loses accuracy is not served.
-            self.batchers.pop("onnxruntime-int8").close()
-            self.runtimes.pop("onnxruntime-int8", None)
-            self.backends = list(self.batchers)
-            if not self.backends:
-                raise RuntimeError(f"{art.tag}: its int8 graph does not hold accuracy; serve another backend")
 
     def check(self, horizon: int, levels: list[float]) -> None:
         if horizon > self.horizon:

@@ -110,5 +110,5 @@ def test_export_parity_and_quality_gate(trained):
     art = export_artifact(trained["tiny-embed-new-bt2"].tag, ["onnx"], progress=False)
     entry = art.export("onnx")
     assert entry["max_abs_diff"] < 1e-4
-    assert entry["quality_gate"] == "passed" and entry["val_top1"] >= entry["quality_floor"]
+    assert entry["val_top1"] >= entry["quality_floor"]
     assert entry["val_new_old_top1"] == pytest.approx(art.manifest["metrics"]["val_new_old_top1"], abs=0.01)

@@ -100,5 +100,5 @@ def test_text_model_exports_the_projection_graph(trained):
     art = export_artifact(trained["tiny-xbt-new-text"].tag, ["onnx"], progress=False)
     entry = art.export("onnx")
     assert entry["max_abs_diff"] < 1e-4 and entry["parity_inputs"].endswith("validation captions")
-    assert entry["quality_gate"] == "passed"
+    assert entry["val_top1"] >= entry["quality_floor"]
     assert entry["val_top1"] == pytest.approx(art.manifest["metrics"]["val_new_old_projection_r1"], abs=0.01)
