@@ -1,4 +1,5 @@
-"""The admin bearer token of routes that change server state (gallery upgrade, backfill, rollback).
+"""The admin bearer token of every route that changes server state: model control (``/v2/repository/
+models/{m}/load|unload`` and the gRPC RPCs), gallery upgrade / backfill / rollback, trajectory synthesis.
 
 ``KILN_ADMIN_TOKEN`` when set; otherwise a random token made once and kept in ``$KILN_HOME/admin-token``
 (mode 600, shared by every worker of the server), so a first ``make serve`` has working admin routes and
@@ -37,14 +38,21 @@ def admin_token() -> str:
     return path.read_text().strip()
 
 
-def require_admin(authorization: str | None) -> None:
-    """Raise :class:`InferenceError` 401 (no bearer token) or 403 (wrong token)."""
+def check_bearer(expected: str, authorization: str | None) -> None:
+    """Check an ``Authorization`` value against ``expected``: :class:`InferenceError` 401 (no bearer
+    token, with ``WWW-Authenticate``) or 403 (a wrong one). HTTP headers and gRPC metadata alike."""
     if not authorization:
         raise InferenceError(
             401,
             f"admin route: send 'Authorization: Bearer <token>' "
             f"({ADMIN_TOKEN_ENV}, or the token in $KILN_HOME/admin-token)",
+            headers={"WWW-Authenticate": 'Bearer realm="kiln-admin"'},
         )
     scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_token().encode()):
-        raise InferenceError(403, "admin route: wrong bearer token")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise InferenceError(403, "wrong admin token")
+
+
+def require_admin(authorization: str | None) -> None:
+    """:func:`check_bearer` against the server's :func:`admin_token`."""
+    check_bearer(admin_token(), authorization)

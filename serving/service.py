@@ -15,12 +15,12 @@ import bentoml
 import serving  # noqa: F401  (configures the model store before bentoml is imported)
 from kiln.artifacts import get_artifact
 from serving import metrics
+from serving.admin import admin_token
 from serving.admission import Drain, DrainInterceptor, RequestLifecycleMiddleware, install_sigterm_drain
 from serving.agent.mcp import create_mcp_app
 from serving.config import ServeConfig
 from serving.limits import BodyLimitMiddleware
 from serving.model import LoadedModel
-from serving.oip.control import admin_token
 from serving.oip.grpc_server import start_grpc_server
 from serving.oip.http import MountRootMiddleware, create_oip_app
 from serving.repository import ModelRepository

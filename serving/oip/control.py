@@ -1,8 +1,9 @@
 """Model control (Triton's explicit model-control mode) and statistics, shared by HTTP and gRPC.
 
 ``load`` / ``unload`` change what the server serves, so they need the admin token: HTTP
-``Authorization: Bearer <KILN_ADMIN_TOKEN>``, gRPC metadata ``authorization: Bearer <token>``. With no
-token configured model control is off (403 naming the variable). No token: 401; a wrong one: 403.
+``Authorization: Bearer <KILN_ADMIN_TOKEN>``, gRPC metadata ``authorization: Bearer <token>``: the one admin
+token of the server (:mod:`serving.admin`; ``$KILN_HOME/admin-token`` when the variable is unset). No token:
+401; a wrong one: 403. A protocol app built without a token (``admin_token=""``) has model control off.
 
 Request parameters (Triton's load/unload bodies carry ``parameters``): ``version`` picks a model-store
 version to load (default: the store's latest) or a loaded version to unload (default: all of them).
@@ -11,35 +12,17 @@ With several worker processes each has its own repository, so model control need
 
 from __future__ import annotations
 
-import hmac
-import os
 from typing import Any
 
+from serving.admin import ADMIN_TOKEN_ENV, check_bearer
 from serving.repository import InferenceError, ModelRepository
-
-ADMIN_TOKEN_ENV = "KILN_ADMIN_TOKEN"
-
-
-def admin_token() -> str:
-    """The configured admin token ("" = model control off)."""
-    return os.environ.get(ADMIN_TOKEN_ENV, "")
 
 
 def authorize(expected: str, authorization: str | None) -> None:
     """Check an ``Authorization`` value against the admin token; raises 401/403 :class:`InferenceError`."""
     if not expected:
-        raise InferenceError(
-            403, f"model control is disabled on this server: start it with {ADMIN_TOKEN_ENV} set"
-        )
-    if not authorization:
-        raise InferenceError(
-            401,
-            "model control needs the admin token: 'Authorization: Bearer <token>'",
-            headers={"WWW-Authenticate": 'Bearer realm="kiln-admin"'},
-        )
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise InferenceError(403, "wrong admin token")
+        raise InferenceError(403, f"model control is off in this app (built without {ADMIN_TOKEN_ENV})")
+    check_bearer(expected, authorization)
 
 
 def version_parameter(parameters: dict[str, Any]) -> str:

@@ -261,7 +261,7 @@ def create_oip_app(
     admin_errors = {
         400: "Malformed body or a model that failed to load (the error says why).",
         401: "No admin token.",
-        403: "Wrong admin token, or model control is disabled (KILN_ADMIN_TOKEN unset).",
+        403: "Wrong admin token (KILN_ADMIN_TOKEN, else the one in $KILN_HOME/admin-token).",
         404: "Unknown model or version.",
     }
     for verb, handler, ok in (

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -31,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from serving import metrics
+from serving.admin import require_admin
 from serving.agent.interact import Doc, default_docs, retrieve, synthesize
 from serving.agent.llm import HOW_TO_CONFIGURE, LLM, LLMConfig
 from serving.agent.store import MiniLMEmbedder, SQLiteTrajectoryStore
@@ -42,7 +41,6 @@ from serving.repository import InferenceError, ModelRepository
 log = logging.getLogger("kiln.serving")
 
 TASK = "agent"
-ADMIN_TOKEN_ENV = "KILN_ADMIN_TOKEN"
 Strategy = Literal["cot", "iep", "iep+cot"]
 
 
@@ -128,17 +126,8 @@ class _Agent:
 
 
 def _authorize(authorization: str | None = Header(None)) -> None:
-    """The admin check, run before the body is read: 403 when off, 401 without a token, 403 when wrong."""
-    expected = os.environ.get(ADMIN_TOKEN_ENV, "")
-    if not expected:
-        raise InferenceError(
-            403, f"admin endpoints are disabled on this server: start it with {ADMIN_TOKEN_ENV}"
-        )
-    if not authorization:
-        raise InferenceError(401, "this endpoint needs the admin token: 'Authorization: Bearer <token>'")
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise InferenceError(403, "wrong admin token")
+    """The admin check (serving.admin), run before the body is read: 401 without a token, 403 when wrong."""
+    require_admin(authorization)
 
 
 def _error(exc: AgentError) -> JSONResponse:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.oip.control import ADMIN_TOKEN_ENV
+from serving.admin import ADMIN_TOKEN_ENV
 from serving.oip.proto import grpc_predict_v2_pb2 as pb
 from serving.oip.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
