@@ -29,18 +29,25 @@ def admin_token() -> str:
     if token:
         return token
     path = kiln_home() / "admin-token"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):  # O_EXCL: one worker makes it, the others read it
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24))
-        log.info("admin token (for %s unset) written to %s", ADMIN_TOKEN_ENV, path)
-    return path.read_text().strip()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # O_EXCL: one worker makes it, the others read it
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(24))
+            log.info("admin token (for %s unset) written to %s", ADMIN_TOKEN_ENV, path)
+        return path.read_text().strip()
+    except OSError as exc:  # e.g. a read-only state directory in a container: admin routes stay off
+        log.warning("admin routes off: %s unset and %s cannot be made (%s)", ADMIN_TOKEN_ENV, path, exc)
+        return ""
 
 
 def check_bearer(expected: str, authorization: str | None) -> None:
     """Check an ``Authorization`` value against ``expected``: :class:`InferenceError` 401 (no bearer
-    token, with ``WWW-Authenticate``) or 403 (a wrong one). HTTP headers and gRPC metadata alike."""
+    token, with ``WWW-Authenticate``) or 403 (a wrong one, or no token to compare with). HTTP headers and
+    gRPC metadata alike."""
+    if not expected:
+        raise InferenceError(403, f"admin routes are off on this server: start it with {ADMIN_TOKEN_ENV} set")
     if not authorization:
         raise InferenceError(
             401,

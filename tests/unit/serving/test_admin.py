@@ -30,3 +30,18 @@ def test_token_made_once_under_kiln_home(monkeypatch, tmp_path):
         with pytest.raises(InferenceError) as e:
             require_admin(header)
         assert e.value.status == status
+
+
+def test_an_unwritable_state_directory_turns_admin_routes_off(tmp_path, monkeypatch):
+    """In a container with a read-only KILN_HOME and no KILN_ADMIN_TOKEN the server still starts; admin
+    routes answer 403 saying what to set. (A path under a regular file cannot be made, even by root.)"""
+    import serving.admin as admin
+
+    monkeypatch.delenv(admin.ADMIN_TOKEN_ENV, raising=False)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setattr(admin, "kiln_home", lambda: blocker / "state")
+    assert admin.admin_token() == ""
+    with pytest.raises(InferenceError) as err:
+        admin.require_admin("Bearer anything")
+    assert err.value.status == 403 and admin.ADMIN_TOKEN_ENV in str(err.value)
