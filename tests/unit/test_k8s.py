@@ -260,11 +260,12 @@ def test_each_family_serves_trainable_models_with_a_valid_configuration(target: 
         read = {f"KILN_{f.upper()}" for f in ServeConfig.__dataclass_fields__} | _settings_in_code()
         assert set(data) <= read, f"ConfigMap keys Kiln never reads: {sorted(set(data) - read)}"
         assert config.models and set(config.models) <= set(RECIPES), (family, config.models)
-        served += config.models
+        if "KILN_LLM_BASE_URL" not in data:  # the agent family serves copies of the models it offers as tools
+            served += config.models
         for container in _containers(deployment):
             refs = [s["configMapRef"]["name"] for s in container.get("envFrom", [])]
             assert refs == [_one(docs, "ConfigMap", refs[0])["metadata"]["name"]], container["name"]
-    assert len(served) == len(set(served)), "each model is served by one family"
+    assert len(served) == len(set(served)), "each model is owned by one family"
 
 
 @functools.cache
@@ -305,6 +306,7 @@ def _task_routes() -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("target", SERVING_TARGETS)
 def test_the_ingress_routes_every_model_and_task_route_to_the_family_serving_it(target: str) -> None:
+    from serving.tasks import TASKS
     from training.recipes import RECIPES
 
     docs = _render(target)
@@ -317,19 +319,40 @@ def test_the_ingress_routes_every_model_and_task_route_to_the_family_serving_it(
             service = services[backend["name"]]  # KeyError: routes to a Service that does not exist
             assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
             assert path["path"] not in routes, f"{path['path']} is routed twice"
-            routes[path["path"]] = backend["name"]
+            routes[path["path"]] = (backend["name"], path["pathType"])
     default = ingress["spec"]["defaultBackend"]["service"]
     assert default["name"] in services
     task_routes = _task_routes()
+    served_by: dict[str, set[str]] = {}  # model -> Deployments serving it
     for deployment in _all(docs, "Deployment"):
-        name = deployment["metadata"]["name"]
-        models = _config(docs, deployment)["KILN_MODELS"].split(",")
-        for model in models:
-            assert routes.get(f"/v2/models/{model}") == name, f"/v2/models/{model} does not reach {name}"
-            for route in task_routes[RECIPES[model].task]:
-                assert routes.get(route) == name, (
-                    f"{route} (task {RECIPES[model].task}) does not reach {name}"
-                )
+        for model in _config(docs, deployment)["KILN_MODELS"].split(","):
+            served_by.setdefault(model, set()).add(deployment["metadata"]["name"])
+    for model, names in served_by.items():
+        assert _routed(routes, f"/v2/models/{model}") in names, f"/v2/models/{model} does not reach {names}"
+        for route in task_routes[RECIPES[model].task]:
+            assert _routed(routes, route) in names, f"{route} ({RECIPES[model].task}) does not reach {names}"
+    # Routes of tasks without artifacts (the agent) reach a family configured for them (its LLM).
+    llm_hosts = {
+        d["metadata"]["name"] for d in _all(docs, "Deployment") if "KILN_LLM_BASE_URL" in _config(docs, d)
+    }
+    for task, paths in task_routes.items():
+        if TASKS[task][0] is None:
+            for route in paths | {"/mcp"}:
+                assert _routed(routes, route) in llm_hosts, f"{route} does not reach an LLM-configured family"
+
+
+def _routed(routes: dict[str, tuple[str, str]], route: str) -> str | None:
+    """The Service an HTTP path reaches: an Exact path equal to it, else the longest Prefix path containing it
+    element-wise (Kubernetes' Prefix semantics; a templated segment such as ``{name}`` is any value)."""
+    exact = routes.get(route)
+    if exact and exact[1] == "Exact":
+        return exact[0]
+    best = None
+    for path, (service, kind) in routes.items():
+        contains = route == path or route.startswith(path.rstrip("/") + "/")
+        if kind == "Prefix" and contains and (best is None or len(path) > len(best[0])):
+            best = (path, service)
+    return best[1] if best else None
 
 
 # --- pods: resources, security ------------------------------------------------------------------------
@@ -490,7 +513,7 @@ def test_monitoring_renders_the_rules_and_the_dashboard_for_grafana() -> None:
         c for c in _all(docs, "ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard") == "1"
     ]
     (dashboard,) = dashboards
-    (text,) = dashboard["data"].values()
-    assert json.loads(text) == json.loads(
-        (K8S_DIR / "monitoring" / "dashboards" / "kiln-serving.json").read_text()
-    )
+    files = sorted((K8S_DIR / "monitoring" / "dashboards").glob("*.json"))
+    assert sorted(dashboard["data"]) == [f.name for f in files]  # every dashboard file reaches Grafana
+    for f in files:
+        assert json.loads(dashboard["data"][f.name]) == json.loads(f.read_text())

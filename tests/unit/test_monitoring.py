@@ -96,19 +96,21 @@ def test_rules_read_only_series_kiln_exports():
             )
 
 
-def test_dashboard_reads_only_series_kiln_exports_and_covers_them():
-    dashboard = json.loads((MONITORING / "dashboards" / "kiln-serving.json").read_text())
+def test_dashboards_read_only_series_kiln_exports_and_cover_them():
+    dashboards = [json.loads(p.read_text()) for p in sorted((MONITORING / "dashboards").glob("*.json"))]
+    assert {d["uid"] for d in dashboards} >= {"kiln-serving", "kiln-families"}
     exported, recorded = kiln_series(), recorded_series()
     used = set()
-    for panel in dashboard["panels"]:
+    for panel in (p for d in dashboards for p in d["panels"]):
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             series = referenced_series(target["expr"])
             assert series, (panel["title"], target["expr"])
             assert series <= exported | recorded, (panel["title"], series - exported - recorded)
             used |= series
-    template = dashboard["templating"]["list"]
-    assert all(referenced_series(v["definition"]) <= exported for v in template if "definition" in v)
+    for dashboard in dashboards:
+        template = dashboard["templating"]["list"]
+        assert all(referenced_series(v["definition"]) <= exported for v in template if "definition" in v)
     # every metric Kiln exports has a panel, but the generation family's own counters and the rare events
     # (drops, timeouts, draining) that the request and rejection panels already account for
     not_shown = {"kiln_generated_images", "kiln_denoiser_steps", "kiln_hallucination_rejections"}
