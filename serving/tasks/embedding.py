@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 from kiln.artifacts import Artifact, load_torch_model
 from kiln.imaging import to_model_input
 from serving.admin import admin_token, require_admin
+from serving.agent.tools import Tool
 from serving.config import ServeConfig
 from serving.images import decode_image
 from serving.model import LoadedModel
@@ -412,8 +413,105 @@ def _split_model(spec: str) -> tuple[str, str]:
     return name, space
 
 
+_HOSTS: dict[int, _GalleryHost] = {}
+
+
+def _host(repo: ModelRepository) -> _GalleryHost:
+    """The repository's galleries, one host shared by its routes and its tools (opened by the router)."""
+    return _HOSTS.setdefault(id(repo), _GalleryHost(repo))
+
+
+def _embedder(repo: ModelRepository, spec: str, labels: dict) -> tuple[Embedder, str]:
+    name, space = _split_model(spec)
+    served = task_model(repo, Embedder, name, None)
+    labels.update(model=served.name, version=served.version, backend=served.backends[0])
+    return served, served.resolve_space(space)
+
+
+async def embed_request(repo: ModelRepository, req: EmbedRequest) -> EmbedResponse:
+    """``POST /embed`` (and the ``embed`` tool): images or texts → vectors in the model's or an old space."""
+    with observed() as labels:
+        served, space = _embedder(repo, req.model, labels)
+        space = served.resolve_space(req.space or space)
+        if (req.images is None) == (req.texts is None):
+            raise InferenceError(400, "give exactly one of `images` or `texts`")
+        values = req.images if req.images is not None else req.texts
+        if not values:
+            raise InferenceError(400, "nothing to embed: the list is empty")
+        if len(values) > MAX_INPUTS:
+            raise InferenceError(400, f"{len(values)} inputs; at most {MAX_INPUTS} per request")
+        if req.images is not None:
+            z = await served.embed(
+                "image",
+                [decode_image(v) for v in values],
+                space,
+                served.resolve_backend(req.backend or None),
+            )
+        else:
+            if any(not t.strip() for t in values):
+                raise InferenceError(400, "`texts` holds an empty string")
+            z = await served.embed("text", values, space)
+    return EmbedResponse(
+        model=served.name,
+        version=served.version,
+        space=space,
+        how=served.how(space),
+        dim=z.shape[1],
+        vectors=z.tolist(),
+    )
+
+
+class GallerySearchTool(GallerySearch):
+    """A gallery search as a tool call: the gallery's name travels in the body."""
+
+    gallery: str = Field(description="The gallery to search (e.g. the demo gallery `digits`).")
+
+
+async def search_gallery(repo: ModelRepository, name: str, req: GallerySearch) -> SearchResponse:
+    """``POST /galleries/{name}/search`` (and the ``search_gallery`` tool)."""
+    g = _host(repo).get()
+    kind, value = _one_query(req, "query")
+    hits, state = await g.search(name, kind, value, req.k, req.filter)
+    return SearchResponse(
+        results=[SearchHit(**h) for h in hits],
+        model=state["model"],
+        space=state["space"],
+        how=state["how"],
+    )
+
+
+def tools(repo: ModelRepository) -> list[Tool]:
+    """The task's tools slot: ``embed`` and ``search_gallery`` for the agent and MCP clients, with the
+    request models their HTTP routes validate with."""
+
+    async def embed_handler(req: EmbedRequest) -> EmbedResponse:
+        return await embed_request(repo, req)
+
+    async def search_handler(req: GallerySearchTool) -> SearchResponse:
+        return await search_gallery(repo, req.gallery, req)
+
+    return [
+        Tool(
+            name="embed",
+            description="Embed images (H×W lists in [0, 1] or base64 PNG) or texts with a Kiln embedding "
+            "model; `model@space` (or `space`) writes into an old model's space for backward-compatible "
+            "search. Returns L2-normalised vectors.",
+            request_model=EmbedRequest,
+            handler=embed_handler,
+        ),
+        Tool(
+            name="search_gallery",
+            description="Search a Milvus gallery for the k items nearest an image, a text or a vector, "
+            "embedded by the gallery's active model; `filter` is a Milvus expression over item metadata "
+            '(e.g. `metadata["label"] == 3`). Returns ids, scores and metadata.',
+            request_model=GallerySearchTool,
+            handler=search_handler,
+        ),
+    ]
+
+
 def router(repo: ModelRepository) -> APIRouter:
-    host = _GalleryHost(repo)
+    host = _host(repo)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -424,10 +522,7 @@ def router(repo: ModelRepository) -> APIRouter:
     api = APIRouter(tags=["embedding"], lifespan=lifespan)
 
     def embedder(spec: str, labels: dict) -> tuple[Embedder, str]:
-        name, space = _split_model(spec)
-        served = task_model(repo, Embedder, name, None)
-        labels.update(model=served.name, version=served.version, backend=served.backends[0])
-        return served, served.resolve_space(space)
+        return _embedder(repo, spec, labels)
 
     @api.post("/v1/embeddings", response_model=EmbeddingsResponse)
     async def embeddings(req: EmbeddingsRequest) -> EmbeddingsResponse | JSONResponse:
@@ -503,35 +598,7 @@ def router(repo: ModelRepository) -> APIRouter:
     @api.post("/embed", response_model=EmbedResponse)
     async def embed(req: EmbedRequest) -> EmbedResponse:
         """Images or texts → L2-normalised vectors in the model's space or a compatible old space."""
-        with observed() as labels:
-            served, space = embedder(req.model, labels)
-            space = served.resolve_space(req.space or space)
-            if (req.images is None) == (req.texts is None):
-                raise InferenceError(400, "give exactly one of `images` or `texts`")
-            values = req.images if req.images is not None else req.texts
-            if not values:
-                raise InferenceError(400, "nothing to embed: the list is empty")
-            if len(values) > MAX_INPUTS:
-                raise InferenceError(400, f"{len(values)} inputs; at most {MAX_INPUTS} per request")
-            if req.images is not None:
-                z = await served.embed(
-                    "image",
-                    [decode_image(v) for v in values],
-                    space,
-                    served.resolve_backend(req.backend or None),
-                )
-            else:
-                if any(not t.strip() for t in values):
-                    raise InferenceError(400, "`texts` holds an empty string")
-                z = await served.embed("text", values, space)
-        return EmbedResponse(
-            model=served.name,
-            version=served.version,
-            space=space,
-            how=served.how(space),
-            dim=z.shape[1],
-            vectors=z.tolist(),
-        )
+        return await embed_request(repo, req)
 
     # --- galleries ----------------------------------------------------------------------------------
 
@@ -576,15 +643,7 @@ def router(repo: ModelRepository) -> APIRouter:
     @api.post("/galleries/{name}/search", response_model=SearchResponse)
     async def search(name: str, req: GallerySearch) -> SearchResponse:
         """Top-k items for an image, text or vector query, embedded by the gallery's active model."""
-        g = host.get()
-        kind, value = _one_query(req, "query")
-        hits, state = await g.search(name, kind, value, req.k, req.filter)
-        return SearchResponse(
-            results=[SearchHit(**h) for h in hits],
-            model=state["model"],
-            space=state["space"],
-            how=state["how"],
-        )
+        return await search_gallery(repo, name, req)
 
     @api.post("/galleries/{name}/upgrade")
     async def upgrade(name: str, req: UpgradeRequest, authorization: str | None = Header(None)) -> dict:

@@ -208,6 +208,38 @@ def test_demo_gallery_created_at_start_up(retrieval):
     assert d["model"] == OLD and d["spaces"] == {OLD: 100}
 
 
+def test_gallery_search_and_embed_are_tools_over_mcp(retrieval):
+    """The task's tools slot: `search_gallery` and `embed` over MCP (the `mcp` package's client) answer as
+    the HTTP routes do, with the routes' request schemas."""
+    import asyncio
+
+    from mcp import Client
+
+    from serving.tasks.embedding import EmbedRequest
+
+    images, _ = _digits(1, offset=50)
+    direct = _search_image(retrieval, "demo", images[0], k=3).json()
+
+    async def session():
+        async with Client(f"{retrieval.url}/mcp") as client:
+            listed = await client.list_tools()
+            found = await client.call_tool(
+                "search_gallery", {"gallery": "demo", "image": images[0].tolist(), "k": 3}
+            )
+            vec = await client.call_tool("embed", {"model": OLD, "images": [images[0].tolist()]})
+            missing = await client.call_tool("search_gallery", {"gallery": "nope", "text": "a seven"})
+            return listed, found, vec, missing
+
+    listed, found, vec, missing = asyncio.run(session())
+    tools = {t.name: t for t in listed.tools}
+    assert {"embed", "search_gallery"} <= set(tools)
+    assert tools["embed"].input_schema == EmbedRequest.model_json_schema()
+    assert not found.is_error
+    assert [h["id"] for h in found.structured_content["results"]] == [h["id"] for h in direct["results"]]
+    assert not vec.is_error and len(vec.structured_content["vectors"][0]) == vec.structured_content["dim"]
+    assert missing.is_error and "nope" in missing.content[0].text
+
+
 def test_gallery_bad_input(retrieval):
     images, labels = _digits(10)
     assert retrieval.post("/galleries/bad", {"model": OLD}).status_code == 200

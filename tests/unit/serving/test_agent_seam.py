@@ -19,6 +19,7 @@ def test_every_task_module_tools_are_collected_with_their_route_request_models()
     assert found["classify"].request_model is ClassifyRequest
     assert found["generate"].request_model is GenerateRequest
     assert found["generate"].input_schema()["properties"]["n"]["maximum"] == 64
+    assert {"forecast", "embed", "search_gallery"} <= set(found)  # every family that has operations
 
 
 def test_duplicate_tool_names_are_refused(monkeypatch):
