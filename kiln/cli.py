@@ -275,7 +275,7 @@ def serve(
     cmd = [
         sys.executable,
         "-m",
-        "bentoml",
+        "serving.launch",  # bentoml's CLI, with this server's own metrics directory
         "serve",
         "serving.service:Kiln",
         "--host",

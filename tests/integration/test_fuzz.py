@@ -41,8 +41,12 @@ CLIENT_ERRORS = {
 }
 
 
-def _served_routes() -> set[tuple[str, str]]:
-    """(method, path) of every route of the apps the service mounts, built here from the same code."""
+# POST routes that take no body (an action on the resource the path names).
+POSTS_WITHOUT_BODY = {"/galleries/{name}/rollback"}
+
+
+def _served_route_bodies() -> dict[tuple[str, str], bool]:
+    """(method, path) → whether the route takes a request body, for every route the service mounts."""
     from serving.oip.http import create_oip_app
     from serving.repository import ModelRepository
     from serving.tasks import routers
@@ -50,20 +54,21 @@ def _served_routes() -> set[tuple[str, str]]:
     repo = ModelRepository()
     apps = [("", router) for router in routers(repo)]  # each task's APIRouter
     apps.append(("/v2", create_oip_app(repo, max_request_bytes=1024)))
-    routes = set()
+    routes = {}
     for prefix, app in apps:
         for route in app.routes:
             if getattr(route, "include_in_schema", False):
-                routes |= {(m.lower(), prefix + route.path) for m in route.methods if m != "HEAD"}
+                for m in route.methods - {"HEAD"}:
+                    routes[(m.lower(), prefix + route.path)] = getattr(route, "body_field", None) is not None
     return routes
 
 
 def test_docs_json_describes_every_route_with_schemas(server):
     doc = httpx.get(f"{server.http}/docs.json").json()
     assert doc["openapi"].startswith("3.1")
-    served = _served_routes()
+    served = _served_route_bodies()
     assert ("post", "/v2/repository/models/{name}/load") in served and ("post", "/classify") in served
-    for method, path in served:
+    for (method, path), takes_body in served.items():
         assert path in doc["paths"] and method in doc["paths"][path], f"{method.upper()} {path} undocumented"
         operation = doc["paths"][path][method]
         ok = operation["responses"]["200"]
@@ -71,7 +76,9 @@ def test_docs_json_describes_every_route_with_schemas(server):
             assert "schema" in ok["content"]["application/json"], (
                 f"{method.upper()} {path}: no response schema"
             )
-        if method == "post" and path != "/v2/repository/index":
+        if path in POSTS_WITHOUT_BODY:
+            assert not takes_body and "requestBody" not in operation, f"{path}: a body it never reads"
+        elif method == "post" and path != "/v2/repository/index":
             assert "schema" in operation["requestBody"]["content"]["application/json"], (
                 f"{path}: no body schema"
             )

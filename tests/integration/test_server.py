@@ -426,12 +426,20 @@ def test_second_start_reuses_the_store_and_is_fast(server, kiln_home):
     from serverproc import start_server, stop_server
 
     versions = {name: get_artifact(name).version for name in MODELS}
+    r = httpx.post(f"{server.http}/classify", json={"image": [[0.0, 1.0], [1.0, 0.0]]}, timeout=30)
+    assert r.status_code == 200
+    scrape = lambda: httpx.get(f"{server.http}/metrics", timeout=30).text  # noqa: E731
+    before = metric_total(scrape(), "kiln_inference_requests_total", model="vit-soft")
+    assert before >= 1
     t0 = time.perf_counter()
     again = start_server(kiln_home, "--no-train")
     try:
         assert {name: get_artifact(name).version for name in MODELS} == versions  # nothing retrained
         r = httpx.post(f"{again.http}/classify", json={"image": [[0.0, 1.0], [1.0, 0.0]]}, timeout=30)
         assert r.status_code == 200
+        # Each server keeps its own metrics (serving.launch): starting this one on the same store left the
+        # first one's counters alone (BentoML empties its multiprocess directory at every start).
+        assert metric_total(scrape(), "kiln_inference_requests_total", model="vit-soft") >= before
     finally:
         stop_server(again.process)
     print(f"second start ready in {time.perf_counter() - t0:.1f}s")  # reported, not asserted (timing)
