@@ -51,7 +51,7 @@ def check_bearer(expected: str, authorization: str | None) -> None:
     if not authorization:
         raise InferenceError(
             401,
-            f"admin route: send 'Authorization: Bearer <token>' "
+            f"admin route: send the admin token, 'Authorization: Bearer <token>' "
             f"({ADMIN_TOKEN_ENV}, or the token in $KILN_HOME/admin-token)",
             headers={"WWW-Authenticate": 'Bearer realm="kiln-admin"'},
         )

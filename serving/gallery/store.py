@@ -30,6 +30,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,25 @@ def milvus_uri() -> str:
 def is_lite(uri: str) -> bool:
     """Milvus Lite (a local file, one process at a time) rather than a server."""
     return not re.match(r"^(https?|tcp|grpc)://", uri)
+
+
+def _lock_lite_file(uri: str):
+    """Hold an exclusive lock beside a Milvus Lite file for this process's life. Milvus Lite serves one
+    process per file, and a second opener waits on it instead of failing; this fails at once, naming it."""
+    import fcntl
+
+    path = Path(uri).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.with_name(path.name + ".kiln-lock"), "w")  # noqa: SIM115 - held until the process ends
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RuntimeError(
+            f"Milvus Lite file {path} is in use by another process (one process per file): stop the other "
+            "`kiln serve`, give this one its own KILN_MILVUS_URI file, or use a Milvus standalone server"
+        ) from None
+    return lock
 
 
 def check_name(name: str, what: str = "gallery name") -> str:
@@ -108,6 +128,7 @@ class MilvusStore:
 
         self.uri = uri or milvus_uri()
         token = os.environ.get("KILN_MILVUS_TOKEN", "")
+        self._lock = _lock_lite_file(self.uri) if is_lite(self.uri) else None
         try:
             self.client = MilvusClient(self.uri, token=token) if token else MilvusClient(self.uri)
         except Exception as exc:  # pymilvus raises its own ConnectionConfigException for a locked Lite file
@@ -247,3 +268,6 @@ class MilvusStore:
 
     def close(self) -> None:
         self.client.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

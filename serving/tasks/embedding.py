@@ -245,7 +245,12 @@ class _GalleryHost:
             log.warning(self.unavailable)
             return
         admin_token()  # made now, so the admin routes' token is on disk before the first call
-        store = await asyncio.to_thread(MilvusStore, uri)
+        try:
+            store = await asyncio.to_thread(MilvusStore, uri)
+        except RuntimeError as exc:  # e.g. a Lite file another server holds: galleries 503, the rest serves
+            self.unavailable = f"galleries are off: {exc}"
+            log.error(self.unavailable)
+            return
         self.galleries = Galleries(store, self.lookup, ray_address=os.environ.get("KILN_RAY_ADDRESS", ""))
         from bentoml._internal.context import server_context
 

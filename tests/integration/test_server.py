@@ -422,7 +422,7 @@ def test_metrics_cover_success_failure_queue_compute_load_ready(server):
     assert "bentoml_service_request_total" in text or "bentoml_" in text  # BentoML's defaults are there too
 
 
-def test_second_start_reuses_the_store_and_is_fast(server, kiln_home):
+def test_second_start_reuses_the_store_and_is_fast(server, kiln_home, tmp_path):
     from serverproc import start_server, stop_server
 
     versions = {name: get_artifact(name).version for name in MODELS}
@@ -432,7 +432,8 @@ def test_second_start_reuses_the_store_and_is_fast(server, kiln_home):
     before = metric_total(scrape(), "kiln_inference_requests_total", model="vit-soft")
     assert before >= 1
     t0 = time.perf_counter()
-    again = start_server(kiln_home, "--no-train")
+    # Its own galleries file: Milvus Lite serves one process per file, and the session server holds the default
+    again = start_server(kiln_home, "--no-train", env={"KILN_MILVUS_URI": str(tmp_path / "galleries.db")})
     try:
         assert {name: get_artifact(name).version for name in MODELS} == versions  # nothing retrained
         r = httpx.post(f"{again.http}/classify", json={"image": [[0.0, 1.0], [1.0, 0.0]]}, timeout=30)

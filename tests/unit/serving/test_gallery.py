@@ -219,3 +219,17 @@ def test_bad_input_names_the_problem(tmp_path, models):
         store.close()
 
     run(scenario())
+
+
+def test_a_second_process_on_a_lite_file_fails_at_once_naming_it(tmp_path):
+    """Milvus Lite serves one process per file; a second opener (another `kiln serve` on the same state
+    directory) is refused at once with the reason instead of waiting on the file."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "g.db"
+    first = MilvusStore(str(db))
+    code = f"from serving.gallery.store import MilvusStore; MilvusStore({str(db)!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "in use by another process" in r.stderr
+    first.close()
