@@ -432,7 +432,7 @@ def test_second_start_reuses_the_store_and_is_fast(server, kiln_home, tmp_path):
     before = metric_total(scrape(), "kiln_inference_requests_total", model="vit-soft")
     assert before >= 1
     t0 = time.perf_counter()
-    # Its own galleries file: Milvus Lite serves one process per file, and the session server holds the default
+    # Its own galleries file: Milvus Lite serves one process per file; the session server holds the default
     again = start_server(kiln_home, "--no-train", env={"KILN_MILVUS_URI": str(tmp_path / "galleries.db")})
     try:
         assert {name: get_artifact(name).version for name in MODELS} == versions  # nothing retrained
