@@ -35,6 +35,7 @@ import numpy as np
 
 from benchmarks import hallucination_toy, step_batching
 from benchmarks.report import (
+    display_path,
     fmt,
     machine_info,
     markdown_table,
@@ -906,7 +907,7 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
         f"({', '.join(results['onnxruntime_providers'])}), numpy {m['numpy']}",
         f"- models: {MODEL} `{model['tag']}`; FID-digits features and conditional accuracy: {CLASSIFIER} "
         f"`{classifier['tag']}` (test accuracy {_num(classifier.get('test_accuracy'), 4)})",
-        f"- raw figures: `{_display_path(json_path)}`",
+        f"- raw figures: `{display_path(json_path)}`",
         "",
         "### Targets",
         "",
@@ -1232,11 +1233,3 @@ def _num(value: Any, digits: int) -> str:
 
 def _sci(value: Any) -> str:
     return f"{value:.1e}" if isinstance(value, float) else "-"
-
-
-def _display_path(path: Path) -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return str(path.resolve().relative_to(root))
-    except ValueError:
-        return str(path)

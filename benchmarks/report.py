@@ -134,3 +134,12 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "numpy": numpy.__version__,
     }
+
+
+def display_path(path: Path | str) -> str:
+    """``path`` relative to the repository root when it lies inside it (as BENCHMARKS.md shows raw files)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.report import fmt, machine_info, markdown_table, target_lines, write_results
+from benchmarks.report import display_path, fmt, machine_info, markdown_table, target_lines, write_results
 
 RECORD = Path(__file__).parent / "results" / "retrieval.json"
 OLD = "embed-old"
@@ -337,14 +337,6 @@ def _saturation_note(xbt: dict[str, Any]) -> list[str]:
     ]
 
 
-def _display_path(path: Path) -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return str(Path(path).resolve().relative_to(root))
-    except ValueError:
-        return str(path)
-
-
 def markdown(results: dict[str, Any], json_path: Path) -> str:
     c, x = results["compatibility"], results["xbt"]
     m = results["machine"]
@@ -366,7 +358,7 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         "",
         f"Command: `{results['command']}` — {m['date']}, {m['cpu']}, {m['usable_cores']} cores "
         f"(load average {m.get('load_average_1m_at_start', '-')} at the start), torch {m['torch']}; "
-        f"raw figures in `{_display_path(json_path)}`.",
+        f"raw figures in `{display_path(json_path)}`.",
         "",
         "Digits (sklearn, 8×8 upsampled to 16×16); old model `embed-old` (small CNN, 32-d) trained on "
         "digits 0-4 only, new models (wider CNN) on all ten; BT² and OCA embed in 32 compatible + 32 extra "

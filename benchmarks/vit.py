@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import attention, runtimes, served
-from benchmarks.report import fmt, machine_info, markdown_table, target_lines, write_results
+from benchmarks.report import display_path, fmt, machine_info, markdown_table, target_lines, write_results
 
 MODELS = ("vit-soft", "vit-softmax")
 SERVED_MODEL = "vit-soft"
@@ -346,7 +346,7 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
         f"- software: Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']} "
         f"({', '.join(results['onnxruntime_providers'])}), numpy {m['numpy']}",
         "- models: " + ", ".join(f"{n} `{v['tag']}`" for n, v in results["models"].items()),
-        f"- raw figures: `{_display_path(json_path)}`",
+        f"- raw figures: `{display_path(json_path)}`",
         "",
         "### Targets",
         "",
@@ -519,11 +519,3 @@ def _spread(row: dict[str, Any]) -> str:
     if "samples_per_s_min" not in row:
         return "-"
     return f"{fmt(row['samples_per_s_min'])}-{fmt(row['samples_per_s_max'])}"
-
-
-def _display_path(path: Path) -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return str(path.resolve().relative_to(root))
-    except ValueError:
-        return str(path)
