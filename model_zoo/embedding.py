@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
 from model_zoo._registry import register_model
@@ -39,6 +40,7 @@ __all__ = [
     "embed_cnn_base",
     "embed_cnn_small",
     "embed_oca_cnn_base",
+    "rebase_orthogonal",
 ]
 
 
@@ -77,6 +79,31 @@ def _orthogonal_linear(dim: int, parametrized: bool) -> nn.Linear:
     """
     linear = nn.Linear(dim, dim, bias=False)
     return orthogonal(linear) if parametrized else linear
+
+
+def rebase_orthogonal(model: nn.Module, max_generator_norm: float = 1.0) -> int:
+    """Dynamic trivialization (Lezcano-Casado 2019, §4): fold a large rotation into the base.
+
+    torch's orthogonal parametrization is ``W = B · exp(A)`` with ``A`` skew-symmetric, built from the
+    trained parameter. Large steps grow ``‖A‖`` and float32's ``matrix_exp`` then drifts off the
+    orthogonal group (1e-4 after a few steps at ``‖A‖ ≈ 500``). Where ``‖A‖_F`` exceeds the bound, the
+    current ``W`` (re-orthogonalised by QR if it drifted) becomes the base and ``A`` restarts at 0 —
+    the same ``W``, so training is unchanged but the exponential stays in its accurate range. Call it
+    after an optimiser step; returns how many layers were rebased.
+    """
+    rebased = 0
+    for module in model.modules():
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        plist = module.parametrizations.weight
+        if not hasattr(plist[0], "base"):  # not an orthogonal trivialization
+            continue
+        x = plist.original.detach().tril()
+        if torch.linalg.matrix_norm(x - x.mT) > max_generator_norm:
+            with torch.no_grad():
+                module.weight = module.weight  # right_inverse: base ← W, A ← 0 (in place; optimisers keep it)
+            rebased += 1
+    return rebased
 
 
 class CosineClassifier(nn.Module):

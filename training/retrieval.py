@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from kiln.artifacts import Artifact, ArtifactError, get_artifact, load_torch_model, save_artifact
 from model_zoo import create_model
+from model_zoo.embedding import rebase_orthogonal
 from training.data import split_inputs
 from training.recipes import EmbeddingRecipe
 from training.trainer import TrainResult, lr_at, run_dir, training_block
@@ -298,6 +299,7 @@ def train_embedding(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            rebase_orthogonal(model)  # keeps matrix_exp accurate (model_zoo.embedding.rebase_orthogonal)
             step += 1
             for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(idx)

@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 from export.onnx import export_onnx, max_abs_diff
 from model_zoo import create_model, list_models
-from model_zoo.embedding import BasisTransform, OrthogonalClassifierHead
+from model_zoo.embedding import BasisTransform, OrthogonalClassifierHead, rebase_orthogonal
 from model_zoo.xbt import tokenize
 
 IMAGE_MODELS = list_models("embed_*")
@@ -56,20 +56,40 @@ def test_backward_reaches_every_parameter(name):
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
 
 
-@pytest.mark.parametrize("module", [BasisTransform(12), OrthogonalClassifierHead(12, 10)])
-def test_orthogonal_layers_stay_orthogonal_under_training(module):
+@pytest.mark.parametrize("make", [BasisTransform, OrthogonalClassifierHead])
+@pytest.mark.parametrize("seed", range(5))
+def test_orthogonal_layers_stay_orthogonal_under_training(make, seed):
+    """Large steps (lr 0.5 on a sum of squared logits) with the trainer's update: step, then rebase."""
+    torch.manual_seed(seed)
+    module = make(12) if make is BasisTransform else make(12, 10)
     linear = module.linear if isinstance(module, BasisTransform) else module.rotation
     assert parametrize.is_parametrized(linear)
+    original = linear.parametrizations.weight.original
     opt = torch.optim.SGD(module.parameters(), lr=0.5)
     x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
     for _ in range(5):
         opt.zero_grad()
         module(x).pow(2).sum().backward()
         opt.step()
+        rebase_orthogonal(module)
+    assert linear.parametrizations.weight.original is original  # rebased in place: the optimiser keeps it
     w = linear.weight.detach()
     assert torch.allclose(w @ w.T, torch.eye(12), atol=1e-4)  # float32 matrix exponential
     # a rotation: norms and inner products are kept
     assert torch.allclose(linear(x).norm(dim=-1), x.norm(dim=-1), atol=1e-4)
+
+
+def test_rebase_keeps_the_weight_and_resets_the_generator():
+    torch.manual_seed(0)
+    head = OrthogonalClassifierHead(12, 10)
+    with torch.no_grad():
+        head.rotation.parametrizations.weight.original.normal_(std=3.0)  # ‖A‖_F ≫ 1
+    before = head.rotation.weight.detach().clone()
+    assert rebase_orthogonal(head) == 1
+    assert torch.allclose(head.rotation.weight, before, atol=1e-5)
+    x = head.rotation.parametrizations.weight.original.detach().tril()
+    assert torch.count_nonzero(x - x.mT) == 0  # A = 0: the rotation now lives in the base
+    assert rebase_orthogonal(head) == 0  # a small generator is left alone
 
 
 @pytest.mark.parametrize("name", ["embed_bt2_cnn_base", "embed_oca_cnn_base"])
