@@ -21,7 +21,7 @@ $(PY):
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,ray]'  # ray: the distributed gallery backfill and its test
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,ray,bench]'  # ray: the distributed gallery backfill and its test; bench: kiln bench vit's peers
 	@command -v kubectl >/dev/null || echo "note: kubectl not found; tests/unit/test_k8s.py needs it (apt-get install kubectl or kubernetes-client)"
 	touch $(STAMP)
 

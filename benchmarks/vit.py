@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import attention, runtimes, served
+from benchmarks import attention, peers, runtimes, served
 from benchmarks.report import display_path, fmt, machine_info, markdown_table, target_lines, write_results
 
 MODELS = ("vit-soft", "vit-softmax")
@@ -41,6 +41,11 @@ class Settings:
     concurrencies: tuple[int, ...]
     served_duration_s: float
     served_warmup_s: float
+    # Kiln beside the peer servers (benchmarks.peers): interleaved rounds at one concurrency
+    peer_concurrency: int = 32
+    peer_rounds: int = 3
+    peer_duration_s: float = 5
+    peer_warmup_s: float = 1
 
 
 FULL = Settings(
@@ -72,6 +77,8 @@ QUICK = Settings(
     concurrencies=(1, 8, 32),
     served_duration_s=1,
     served_warmup_s=0.5,
+    peer_rounds=1,
+    peer_duration_s=1,
 )
 
 
@@ -142,6 +149,20 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
         settings.concurrencies,
         settings.served_duration_s,
         settings.served_warmup_s,
+        image=x[:1],
+    )
+    print(f"   {SERVED_MODEL} beside the peer servers ({', '.join(peers.PEERS)}), interleaved rounds")
+    art = arts[SERVED_MODEL]
+    comparison = served.run_comparison(
+        kiln_home(),
+        SERVED_MODEL,
+        art.file(art.export("onnx")["file"]),
+        x[:1],
+        concurrency=settings.peer_concurrency,
+        rounds=settings.peer_rounds,
+        duration_s=settings.peer_duration_s,
+        warmup_s=settings.peer_warmup_s,
+        threads=runtimes.server_threads(),
     )
     print("   in-process reference again, after the served cells")
     after = runtimes.run_runtimes(**reference_kwargs)
@@ -166,6 +187,7 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
         "runtimes": rt,
         "served_reference": reference,
         "served": srv,
+        "served_peers": comparison,
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     results["targets"] = evaluate_targets(results)
@@ -210,7 +232,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         _attention_target(results["attention"]),
         _int8_target(results["runtimes"]),
-        _served_target(results["served"], results["served_reference"]),
+        _served_target(results["served"], results["served_reference"], results.get("served_peers")),
+        *(_peer_targets(results["served_peers"]) if "served_peers" in results else []),
     ]
 
 
@@ -299,30 +322,93 @@ def _int8_target(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _served_target(rows: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, Any]:
+def _served_target(
+    rows: list[dict[str, Any]], reference: list[dict[str, Any]], comparison: dict[str, Any] | None = None
+) -> dict[str, Any]:
     target = (
         "gRPC at concurrency 32 (batching on) >= 60% of in-process onnxruntime fp32 throughput at batch 32 "
         "(req/s of 1-image requests vs samples/s)"
     )
-    cmax = max(r["concurrency"] for r in rows)
-    cell = _find(rows, batching="on", protocol="grpc", concurrency=cmax)
-    ref = _find(reference, batch=max(r["batch"] for r in reference))
-    if not cell or not ref:
+    ref = _find(reference, batch=max(r["batch"] for r in reference)) if reference else None
+    # The interleaved rounds' median when there are some (steadier than one cell), else the Kiln-alone cell.
+    summary = _find(comparison["summary"], server="kiln-grpc") if comparison else None
+    if summary:
+        cmax, rate, errors = comparison["concurrency"], summary["req_per_s"], summary["errors"]
+        source = f"median of {comparison['rounds']} interleaved rounds"
+        client = summary["client_cpu_share"]
+    else:
+        cmax = max(r["concurrency"] for r in rows)
+        cell = _find(rows, batching="on", protocol="grpc", concurrency=cmax)
+        if not cell:
+            return {"target": target, "met": None, "measured": "not measured in this run", "reason": ""}
+        rate, errors, source, client = (
+            cell["req_per_s"],
+            cell["errors"],
+            "one cell",
+            cell.get("client_cpu_share"),
+        )
+    if not ref:
         return {"target": target, "met": None, "measured": "not measured in this run", "reason": ""}
-    ratio = cell["req_per_s"] / ref["samples_per_s"]
-    met = ratio >= 0.6 and cell["errors"] == 0
+    ratio = rate / ref["samples_per_s"]
+    met = ratio >= 0.6 and errors == 0
     measured = (
-        f"{cell['req_per_s']:.1f} req/s vs {ref['samples_per_s']:.1f} samples/s in process = {ratio:.0%}"
-        f" (concurrency {cmax}, {cell['errors']} errors)"
+        f"{rate:.1f} req/s vs {ref['samples_per_s']:.1f} samples/s in process = {ratio:.0%}"
+        f" (concurrency {cmax}, {source}, {errors} errors"
+        + (f", gRPC client {client:.0%} of a core" if client is not None else "")
+        + ")"
     )
     reason = ""
     if not met:
         reason = (
-            "the server (HTTP + gRPC event loops, decoding, batching) and the load generator share the same "
-            "CPU cores as the model, so per-request Python work competes with inference; batches formed "
-            "within the 2 ms window are also smaller than 32"
+            "server, load generator and model share the machine's cores: each request's Python work (gRPC "
+            "event loop, decoding, batching, metrics) and the Python gRPC client's take CPU the model "
+            "would otherwise use, and the in-process figure has all of it"
         )
     return {"target": target, "met": met, "measured": measured, "reason": reason}
+
+
+def _peer_targets(comparison: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """HTTP JSON >= 1.3x and binary tensors >= 2x the best peer, medians of the interleaved rounds."""
+    targets = []
+    for server, factor, what in (
+        ("kiln-json", 1.3, "HTTP JSON"),
+        ("kiln-binary", 2.0, "HTTP binary tensors"),
+    ):
+        target = (
+            f"{what} at concurrency 32 >= {factor:g}x the best peer server (FastAPI, LitServe, Ray Serve) "
+            "on the same graph and body"
+        )
+        if not comparison:
+            targets.append(
+                {"target": target, "met": None, "measured": "not measured in this run", "reason": ""}
+            )
+            continue
+        peer_rows = [r for r in comparison["summary"] if not r["server"].startswith("kiln-")]
+        kiln = _find(comparison["summary"], server=server)
+        if not peer_rows or not kiln:
+            why = "; ".join(f"{k}: {v}" for k, v in comparison["skipped"].items()) or "no peer ran"
+            targets.append(
+                {"target": target, "met": None, "measured": f"no peer measured ({why})", "reason": ""}
+            )
+            continue
+        best = max(peer_rows, key=lambda r: r["req_per_s"])
+        ratio = kiln["req_per_s"] / best["req_per_s"]
+        met = ratio >= factor and kiln["errors"] == 0
+        skipped = "".join(f"; {k} skipped: {v}" for k, v in comparison["skipped"].items())
+        measured = (
+            f"Kiln {kiln['req_per_s']:.1f} req/s vs {best['server']} {best['req_per_s']:.1f} = {ratio:.2f}x "
+            f"(median of {comparison['rounds']} interleaved rounds, {kiln['errors']} errors{skipped})"
+        )
+        reason = ""
+        if not met:
+            reason = (
+                "every server runs the same onnxruntime session settings on the same cores, so the peers' "
+                "ceiling is the model's own throughput; Kiln's request path (BentoML's middleware: "
+                "OpenTelemetry, access log, metrics; drain and admission control; OIP validation) costs "
+                "more CPU per request than the best peer's"
+            )
+        targets.append({"target": target, "met": met, "measured": measured, "reason": reason})
+    return targets
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,12 +554,15 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
     ]
     lines += ["### 3. Served path", ""]
     lines += [
-        f"`kiln serve --no-train --models {SERVED_MODEL}` (onnxruntime fp32) on 127.0.0.1, batching on "
-        "(`--batch-max-size 32 --batch-window-ms 2`, the defaults) and off (`--batch-max-size 1`); "
-        "a separate "
-        "load-generator process (`python -m benchmarks.load`, asyncio: httpx for HTTP, grpc.aio for gRPC) "
-        f"keeps *concurrency* one-image requests in flight for {s['served_duration_s']:g} s after a "
-        f"{s['served_warmup_s']:g} s warm-up. Server, client and model share the machine's cores.",
+        f"`kiln serve --no-train --models {SERVED_MODEL}` (onnxruntime fp32, one worker process) on "
+        "127.0.0.1, batching on (`--batch-max-size 32 --batch-window-ms 2`, the defaults) and off "
+        "(`--batch-max-size 1`). Load generators, each its own process: HTTP with `wrk -t1 -c<concurrency>` "
+        "and `benchmarks/wrk/oip.lua` (compiled C; the Lua script only sends a body prepared once), gRPC "
+        "with `python -m benchmarks.load` (grpc.aio, `raw_input_contents`; no compiled gRPC load generator "
+        "such as ghz is packaged here). Each keeps *concurrency* one-image requests in flight for "
+        f"{s['served_duration_s']:g} s after a {s['served_warmup_s']:g} s warm-up. *client CPU* is the load "
+        "generator's own user + system time over its wall time (`os.wait4`), in cores: what it took from "
+        "the cores that server and model share.",
         "",
     ]
     rows = [
@@ -486,15 +575,28 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
             fmt(r["latency_ms_p99"], 2),
             r["requests"],
             r["errors"],
+            _client_cpu(r),
         ]
         for r in results["served"]
     ]
     lines += [
         markdown_table(
-            ["batching", "protocol", "concurrency", "req/s", "p50 ms", "p99 ms", "requests", "errors"], rows
+            [
+                "batching",
+                "protocol",
+                "concurrency",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "requests",
+                "errors",
+                "client CPU",
+            ],
+            rows,
         ),
         "",
     ]
+    lines += _peer_section(results.get("served_peers"))
     lines += [
         "In-process reference (same model and graph, onnxruntime fp32, same thread count), measured before "
         "and after the served cells; the target uses the higher of the two:",
@@ -513,6 +615,61 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
     ]
     lines += [markdown_table(["batch", "samples/s used", "before", "after", "p50 ms", "p99 ms"], rows)]
     return "\n".join(lines)
+
+
+def _client_cpu(row: dict[str, Any]) -> str:
+    share = row.get("client_cpu_share")
+    return "-" if share is None else f"{share:.2f}"
+
+
+_PEER_NOTES = {
+    "kiln-json": "Kiln, OIP JSON; BentoML worker (uvicorn) with the gRPC server on the same event loop",
+    "kiln-binary": "Kiln, binary tensor extension (JSON header + raw FP32, output asked back in binary)",
+    "kiln-grpc": "Kiln, gRPC ModelInfer with raw_input_contents (client: benchmarks.load, grpc.aio)",
+    "fastapi": "FastAPI + uvicorn, 1 worker; pydantic body; sync endpoint (thread pool); no batching",
+    "litserve": "LitServe 0.2.19: 1 API-server process + 1 inference worker process, LitAPI batching",
+    "ray": "Ray Serve: 1 replica with @serve.batch behind Ray's HTTP proxy (own local cluster)",
+}
+
+
+def _peer_section(comparison: dict[str, Any] | None) -> list[str]:
+    if not comparison:
+        return []
+    c = comparison
+    lines = [
+        f"Kiln beside peer servers (`benchmarks/peers/`) on the same ONNX graph and the same OIP JSON body "
+        f"(one {SERVED_MODEL} test image), concurrency {c['concurrency']}: {c['rounds']} interleaved rounds "
+        "(Kiln JSON, Kiln binary, Kiln gRPC, then each peer; repeat), "
+        f"{c['duration_s']:g} s per cell after a {c['warmup_s']:g} s warm-up; median req/s over the rounds "
+        "with the lowest and highest round. Same thread budget: every server's onnxruntime session has "
+        f"{c['threads']} intra-op threads, 1 inter-op thread, all graph optimisations and no spinning (as "
+        f"Kiln's runtime); batching servers use batches of at most {c['batch_max_size']} within "
+        f"{c['batch_window_ms']:g} ms. All servers stay up during the rounds.",
+        "",
+    ]
+    rows = [
+        [
+            r["server"],
+            fmt(r["req_per_s"]),
+            f"{fmt(r['req_per_s_min'])}-{fmt(r['req_per_s_max'])}",
+            fmt(r["latency_ms_p50"], 2),
+            r["errors"],
+            _client_cpu(r),
+            _PEER_NOTES.get(r["server"], ""),
+        ]
+        for r in c["summary"]
+    ]
+    rows += [[name, "skipped", "-", "-", "-", "-", why] for name, why in c["skipped"].items()]
+    lines += [
+        markdown_table(
+            ["server", "req/s (median)", "rounds min-max", "p50 ms", "errors", "client CPU", "how"], rows
+        ),
+        "",
+        "Every server's answer to the body was checked against Kiln's before the rounds (max |logit "
+        "difference|: " + ", ".join(f"{k} {v:.1e}" for k, v in c["agreement"].items()) + ").",
+        "",
+    ]
+    return lines
 
 
 def _spread(row: dict[str, Any]) -> str:
