@@ -22,7 +22,7 @@ from serving.config import ServeConfig
 from serving.limits import BodyLimitMiddleware
 from serving.model import LoadedModel
 from serving.oip.grpc_server import start_grpc_server
-from serving.oip.http import MountRootMiddleware, create_oip_app
+from serving.oip.http import InferFastPath, MountRootMiddleware, create_oip_app
 from serving.repository import ModelRepository
 from serving.routes import OpenAPIVersionMiddleware, create_task_app
 from serving.tasks import load_model, routers, tools
@@ -59,17 +59,17 @@ def _load_models() -> None:
             metrics.MODEL_READY.labels(model=name, version=version, backend=backend).set(0)
 
 
+OIP_APP = create_oip_app(
+    REPOSITORY,
+    max_request_bytes=CONFIG.max_request_bytes,
+    admin_token=admin_token(),
+    model_examples=[tag.partition(":")[0] for tag in CONFIG.models],
+)
+
+
 @bentoml.service(name="kiln", workers=CONFIG.workers, traffic={"timeout": 60})
 @bentoml.asgi_app(create_mcp_app(tools(REPOSITORY), host=CONFIG.host), path="/mcp")  # Kiln's tools over MCP
-@bentoml.asgi_app(
-    create_oip_app(
-        REPOSITORY,
-        max_request_bytes=CONFIG.max_request_bytes,
-        admin_token=admin_token(),
-        model_examples=[tag.partition(":")[0] for tag in CONFIG.models],
-    ),
-    path="/v2",
-)
+@bentoml.asgi_app(OIP_APP, path="/v2")
 @bentoml.asgi_app(create_task_app(routers(REPOSITORY)), path="/")
 class Kiln:
     def __init__(self) -> None:
@@ -103,6 +103,7 @@ class Kiln:
 
 Kiln.add_asgi_middleware(BodyLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
 Kiln.add_asgi_middleware(RequestLifecycleMiddleware, drain=DRAIN)
+Kiln.add_asgi_middleware(InferFastPath, oip=OIP_APP, prefix="/v2")  # POST /v2/.../infer past the routers
 Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/v2")  # GET /v2 answers, not 307 → /v2/
 Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/mcp")  # MCP clients POST to /mcp itself
 Kiln.add_asgi_middleware(OpenAPIVersionMiddleware)  # /docs.json says which OpenAPI its schemas are

@@ -36,10 +36,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from fastapi import FastAPI
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
@@ -207,6 +209,7 @@ def create_oip_app(
         openapi_url=None,  # BentoML serves the merged document at /docs.json
     )
     app.add_exception_handler(HTTPException, _http_exception)
+    app.state.infer = _guarded(infer)  # InferFastPath's way to the same handler, past the routers
 
     def route(path: str, handler: Handler, method: str, ok: type[BaseModel] | None, **doc: Any) -> None:
         responses: dict[int | str, Any] = {
@@ -412,6 +415,39 @@ class MountRootMiddleware:
         await self.app(scope, receive, send)
 
 
+class InferFastPath:
+    """ASGI middleware for the app that mounts the OIP app: ``POST <prefix>/models/{name}[/versions/
+    {version}]/infer`` goes straight to the OIP app's ``infer`` handler.
+
+    The handler, its errors and its answers are the ones the mounted route has; what is skipped is the
+    routing on the way there (the parent's and the OIP app's routers, FastAPI's dependency solving and
+    exception middleware, BentoML's request context), which cost more CPU per request than the
+    handler itself (py-spy of ``kiln serve`` under ``wrk`` at 32 connections, vit-soft: about 40% of
+    the event loop's time against 25% in the handler). Middleware added before this one (body limit,
+    drain, in-flight bound) still wraps it; any other method or path passes through unchanged.
+    """
+
+    def __init__(self, app: ASGIApp, oip: FastAPI, prefix: str = "/v2"):
+        self.app = app
+        self.handler: Handler = oip.state.infer
+        # Starlette's {param} matches [^/]+ of the decoded path, as here.
+        self.pattern = re.compile(
+            rf"{re.escape(prefix.rstrip('/'))}/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer an infer request here; pass everything else on."""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = self.pattern.fullmatch(scope["path"])
+            if match:
+                params = {k: v for k, v in match.groupdict().items() if v is not None}
+                scope = {**scope, "path_params": params}
+                response = await self.handler(Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _guarded(handler: Handler) -> Handler:
     """Turn :class:`InferenceError` into its JSON error and anything unexpected into a logged 500."""
 
@@ -495,14 +531,24 @@ def _split_body(body: bytearray, header_length: str | None) -> tuple[dict[str, A
 
 def _parse_json(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
-        value = json.loads(bytes(data))
+        value = orjson.loads(data)  # several times faster than json on 1024-float tensors
+    except orjson.JSONDecodeError:
+        # What orjson refuses and the json module reads (NaN / Infinity literals, integers past 64
+        # bits, deeper nesting) or refuses with its own message: parsed again by json, so every body
+        # gets the same answer (the codec's 4xx naming the tensor, or json's error) as before.
+        value = _parse_json_stdlib(data)
+    if not isinstance(value, dict):
+        raise InferenceError(400, f"request body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _parse_json_stdlib(data: bytes | bytearray | memoryview) -> Any:
+    try:
+        return json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InferenceError(400, f"malformed JSON in request body: {exc}") from None
     except RecursionError:
         raise InferenceError(400, "JSON in request body is nested too deeply") from None
-    if not isinstance(value, dict):
-        raise InferenceError(400, f"request body must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _parse_infer_request(
