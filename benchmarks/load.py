@@ -118,8 +118,10 @@ async def drive(
     t_measure, t_end = t_begin + warmup_s, t_begin + warmup_s + duration_s
     latencies: list[float] = []
     errors: list[str] = []
+    sent = 0  # every answered request, warm-up included (the server's CPU per request is over all of them)
 
     async def worker() -> None:
+        nonlocal sent
         while True:
             t0 = time.perf_counter()
             if t0 >= t_end:
@@ -130,6 +132,7 @@ async def drive(
             except Exception as exc:  # counted and reported, never retried
                 error = f"{type(exc).__name__}: {exc}"[:200]
             t1 = time.perf_counter()
+            sent += 1
             if t0 >= t_measure and t1 <= t_end:
                 if error:
                     errors.append(error)
@@ -148,6 +151,7 @@ async def drive(
         "requests": len(latencies),
         "errors": len(errors),
         "first_errors": sorted(set(errors))[:3],
+        "requests_with_warmup": sent,
         "req_per_s": len(latencies) / duration_s,
         "latency_ms_p50": percentile(latencies, 50) * 1e3 if latencies else None,
         "latency_ms_p99": percentile(latencies, 99) * 1e3 if latencies else None,

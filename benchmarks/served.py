@@ -8,7 +8,9 @@ Load generators, chosen to cost the server's cores as little CPU as possible, ea
   packaged for this machine).
 
 Every cell records the client's own CPU use: user + system seconds of the load-generator process
-(``os.wait4``'s rusage) over its wall time, so a reader sees how much of the machine the client took.
+(``os.wait4``'s rusage) over its wall time, so a reader sees how much of the machine the client took;
+and the server's: CPU seconds of its whole process tree (``/proc``) per completed request, which
+depends less than req/s on how much of a shared machine the server happened to get.
 
 :func:`run_served` measures Kiln alone (batching on / off x protocol x concurrency);
 :func:`run_comparison` runs interleaved rounds of Kiln (JSON, binary, gRPC) and the peers of
@@ -113,6 +115,43 @@ def _run_child(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[str
         )
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds used so far by process ``root`` and all its descendants (``/proc``).
+
+    A server's own CPU per request is steadier than its throughput on a shared machine, where how much
+    of the cores a server gets depends on what else runs.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (stat fields 14, 15)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += used.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
+def _with_server_cpu(cell: dict[str, Any], server_pid: int | None, cpu_before: float, wall: float) -> None:
+    if server_pid is None:
+        return
+    cpu = tree_cpu_seconds(server_pid) - cpu_before
+    done = cell["requests"] + cell["errors"]
+    cell["server_cpu_cores"] = round(cpu / wall, 3)
+    cell["server_cpu_ms_per_request"] = round(cpu * 1e3 / done, 3) if done else None
+
+
 def wrk_path() -> str:
     """The ``wrk`` binary, or a LoadError saying how to install it."""
     path = shutil.which("wrk")
@@ -122,7 +161,13 @@ def wrk_path() -> str:
 
 
 def wrk_cell(
-    url: str, body: bytes, header_length: int | None, concurrency: int, duration_s: float, warmup_s: float
+    url: str,
+    body: bytes,
+    header_length: int | None,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     """Drive ``url`` with wrk (one thread, ``concurrency`` connections): warm-up, then the measured run."""
     with tempfile.NamedTemporaryFile(prefix="kiln-wrk-", suffix=".body") as f:
@@ -144,16 +189,17 @@ def wrk_cell(
                 str(WRK_SCRIPT),
                 url,
             ]
+            server_cpu = tree_cpu_seconds(server_pid) if server_pid is not None else 0.0
             out, err, rc, wall, cpu = _run_child(cmd, env, seconds + 90)
             line = next((ln for ln in out.splitlines() if ln.startswith("KILN_WRK ")), None)
             if rc != 0 or line is None:
                 raise LoadError(f"wrk failed ({rc}): {out[-2000:]}\n{err[-2000:]}")
-            results.append((json.loads(line.removeprefix("KILN_WRK ")), wall, cpu))
-    r, wall, cpu = results[-1]
+            results.append((json.loads(line.removeprefix("KILN_WRK ")), wall, cpu, server_cpu))
+    r, wall, cpu, server_cpu = results[-1]
     errors = r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["status_errors"] + r["timeouts"]
     duration = r["duration_us"] / 1e6
     ok = r["requests"] - r["status_errors"]  # wrk counts non-2xx answers among its requests
-    return {
+    cell = {
         "client": "wrk -t1",
         "concurrency": concurrency,
         "duration_s": round(duration, 3),
@@ -166,6 +212,8 @@ def wrk_cell(
         "client_cpu_s": round(cpu, 3),
         "client_cpu_share": round(cpu / wall, 4),  # of one core
     }
+    _with_server_cpu(cell, server_pid, server_cpu, wall)
+    return cell
 
 
 def grpc_cell(
@@ -192,6 +240,7 @@ def grpc_cell(
         str(warmup_s),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server_cpu = tree_cpu_seconds(server.process.pid)
     out, err, rc, wall, cpu = _run_child(cmd, env, warmup_s + duration_s + 120)
     if rc != 0:
         raise LoadError(f"load generator failed ({rc}):\n{err[-3000:]}\nserver log:\n{server.log()}")
@@ -201,6 +250,11 @@ def grpc_cell(
         client_cpu_s=round(cpu, 3),
         client_cpu_share=round(cpu / wall, 4),
     )
+    # Over the client's whole run: warm-up requests included (load.py counts them), start-up idle.
+    cpu_used = tree_cpu_seconds(server.process.pid) - server_cpu
+    cell["server_cpu_cores"] = round(cpu_used / wall, 3)
+    sent = cell.get("requests_with_warmup", 0)
+    cell["server_cpu_ms_per_request"] = round(cpu_used * 1e3 / sent, 3) if sent else None
     return cell
 
 
@@ -230,10 +284,11 @@ def _kiln_cell(
         return grpc_cell(server, model, concurrency, duration_s, warmup_s)
     input_name, output_name = _model_io(server, model)
     url = f"{server.http}/v2/models/{model}/infer"
+    pid = server.process.pid
     if kind == "http-json":
-        return wrk_cell(url, json_body(input_name, image), None, concurrency, duration_s, warmup_s)
+        return wrk_cell(url, json_body(input_name, image), None, concurrency, duration_s, warmup_s, pid)
     body, header_length = binary_body(input_name, output_name, image)
-    return wrk_cell(url, body, header_length, concurrency, duration_s, warmup_s)
+    return wrk_cell(url, body, header_length, concurrency, duration_s, warmup_s, pid)
 
 
 def run_served(
@@ -269,16 +324,22 @@ def run_served(
 
 
 def _describe(cell: dict[str, Any]) -> str:
-    p50 = cell["latency_ms_p50"]
+    p50, per_request = cell["latency_ms_p50"], cell.get("server_cpu_ms_per_request")
     return (
         f"{cell['req_per_s']:8.1f} req/s  p50 {p50 if p50 is None else round(p50, 2)} ms  "
         f"errors {cell['errors']}  client CPU {cell['client_cpu_share']:.0%} of a core"
+        + (f"  server CPU {per_request:.2f} ms/request" if per_request is not None else "")
     )
 
 
 # --------------------------------------------------------------------------------------------------
 # Kiln beside the peers
 # --------------------------------------------------------------------------------------------------
+
+
+def _median_of(cells: list[dict[str, Any]], key: str) -> float | None:
+    values = [c[key] for c in cells if c.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def predictions(url: str, body: bytes, header_length: int | None = None) -> np.ndarray:
@@ -368,14 +429,18 @@ def run_comparison(
                 log(f"  peer {name}: up in {started[name].startup_seconds:.1f}s, max |logit diff| {diff:.1e}")
             for r in range(rounds):
                 for name in (*KILN_CELLS, *started):
+                    pid = server.process.pid
                     if name == "kiln-json":
-                        cell = wrk_cell(url, body, None, concurrency, duration_s, warmup_s)
+                        cell = wrk_cell(url, body, None, concurrency, duration_s, warmup_s, pid)
                     elif name == "kiln-binary":
-                        cell = wrk_cell(url, binary, header_length, concurrency, duration_s, warmup_s)
+                        cell = wrk_cell(url, binary, header_length, concurrency, duration_s, warmup_s, pid)
                     elif name == "kiln-grpc":
                         cell = grpc_cell(server, model, concurrency, duration_s, warmup_s)
                     else:
-                        cell = wrk_cell(started[name].url, body, None, concurrency, duration_s, warmup_s)
+                        peer = started[name]
+                        cell = wrk_cell(
+                            peer.url, body, None, concurrency, duration_s, warmup_s, peer.process.pid
+                        )
                     cells.append({"server": name, "round": r, **cell})
                     log(f"  round {r + 1}/{rounds} {name:<11} c={concurrency}: {_describe(cell)}")
         finally:
@@ -394,6 +459,8 @@ def run_comparison(
                 "latency_ms_p50": statistics.median(c["latency_ms_p50"] for c in mine),
                 "errors": sum(c["errors"] for c in mine),
                 "client_cpu_share": statistics.median(c["client_cpu_share"] for c in mine),
+                "server_cpu_ms_per_request": _median_of(mine, "server_cpu_ms_per_request"),
+                "server_cpu_cores": _median_of(mine, "server_cpu_cores"),
                 "client": mine[0]["client"],
             }
         )

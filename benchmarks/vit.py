@@ -395,17 +395,26 @@ def _peer_targets(comparison: dict[str, Any] | None) -> list[dict[str, Any]]:
         ratio = kiln["req_per_s"] / best["req_per_s"]
         met = ratio >= factor and kiln["errors"] == 0
         skipped = "".join(f"; {k} skipped: {v}" for k, v in comparison["skipped"].items())
+        cpu = ""
+        if kiln.get("server_cpu_ms_per_request") and best.get("server_cpu_ms_per_request"):
+            cpu = (
+                f"; server CPU {kiln['server_cpu_ms_per_request']:.2f} vs "
+                f"{best['server_cpu_ms_per_request']:.2f} ms/request"
+            )
         measured = (
             f"Kiln {kiln['req_per_s']:.1f} req/s vs {best['server']} {best['req_per_s']:.1f} = {ratio:.2f}x "
-            f"(median of {comparison['rounds']} interleaved rounds, {kiln['errors']} errors{skipped})"
+            f"(median of {comparison['rounds']} interleaved rounds, {kiln['errors']} errors{cpu}{skipped})"
         )
         reason = ""
         if not met:
             reason = (
-                "every server runs the same onnxruntime session settings on the same cores, so the peers' "
-                "ceiling is the model's own throughput; Kiln's request path (BentoML's middleware: "
-                "OpenTelemetry, access log, metrics; drain and admission control; OIP validation) costs "
-                "more CPU per request than the best peer's"
+                "every server runs the same onnxruntime session (threads, options) on the same cores, so "
+                "no server can beat the model's own in-process throughput, and the best peer is already a "
+                "large share of it. Kiln's HTTP requests all pass one event loop (one worker process: "
+                "uvicorn, BentoML's OpenTelemetry, access-log and metrics middleware, drain and admission "
+                "control, OIP validation), while the peers spread the request work (FastAPI: batch-1 "
+                "session runs from a thread pool; LitServe: an API-server process beside the inference "
+                "process); compare the server CPU per request above, not only req/s"
             )
         targets.append({"target": target, "met": met, "measured": measured, "reason": reason})
     return targets
@@ -576,6 +585,7 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
             r["requests"],
             r["errors"],
             _client_cpu(r),
+            fmt(r.get("server_cpu_ms_per_request"), 2),
         ]
         for r in results["served"]
     ]
@@ -591,6 +601,7 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
                 "requests",
                 "errors",
                 "client CPU",
+                "server CPU ms/request",
             ],
             rows,
         ),
@@ -644,7 +655,10 @@ def _peer_section(comparison: dict[str, Any] | None) -> list[str]:
         "with the lowest and highest round. Same thread budget: every server's onnxruntime session has "
         f"{c['threads']} intra-op threads, 1 inter-op thread, all graph optimisations and no spinning (as "
         f"Kiln's runtime); batching servers use batches of at most {c['batch_max_size']} within "
-        f"{c['batch_window_ms']:g} ms. All servers stay up during the rounds.",
+        f"{c['batch_window_ms']:g} ms. All servers stay up during the rounds. *server CPU*: user + system "
+        "time of the server's whole process tree (`/proc`; Ray's cluster processes included) per completed "
+        "request, and in cores; on a shared machine it depends less than req/s on how much CPU each server "
+        "happened to get.",
         "",
     ]
     rows = [
@@ -655,14 +669,27 @@ def _peer_section(comparison: dict[str, Any] | None) -> list[str]:
             fmt(r["latency_ms_p50"], 2),
             r["errors"],
             _client_cpu(r),
+            fmt(r.get("server_cpu_ms_per_request"), 2),
+            fmt(r.get("server_cpu_cores"), 2),
             _PEER_NOTES.get(r["server"], ""),
         ]
         for r in c["summary"]
     ]
-    rows += [[name, "skipped", "-", "-", "-", "-", why] for name, why in c["skipped"].items()]
+    rows += [[name, "skipped", "-", "-", "-", "-", "-", "-", why] for name, why in c["skipped"].items()]
     lines += [
         markdown_table(
-            ["server", "req/s (median)", "rounds min-max", "p50 ms", "errors", "client CPU", "how"], rows
+            [
+                "server",
+                "req/s (median)",
+                "rounds min-max",
+                "p50 ms",
+                "errors",
+                "client CPU",
+                "server CPU ms/request",
+                "server CPU cores",
+                "how",
+            ],
+            rows,
         ),
         "",
         "Every server's answer to the body was checked against Kiln's before the rounds (max |logit "

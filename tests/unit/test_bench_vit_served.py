@@ -17,6 +17,8 @@ def _comparison(json_rate: float, binary_rate: float, grpc_rate: float, skipped=
             "latency_ms_p50": 50.0,
             "errors": 0,
             "client_cpu_share": client,
+            "server_cpu_ms_per_request": 2.0 if server.startswith("kiln-") else 2.5,
+            "server_cpu_cores": 1.0,
             "client": "wrk -t1",
         }
 
@@ -43,7 +45,7 @@ def _comparison(json_rate: float, binary_rate: float, grpc_rate: float, skipped=
 def test_peer_targets_compare_with_the_best_peer():
     json_t, binary_t = _peer_targets(_comparison(json_rate=600.0, binary_rate=700.0, grpc_rate=700.0))
     assert json_t["met"] is True and "vs litserve 400.0 = 1.50x" in json_t["measured"]
-    assert not json_t["reason"]
+    assert not json_t["reason"] and "server CPU 2.00 vs 2.50 ms/request" in json_t["measured"]
     assert binary_t["met"] is False and "1.75x" in binary_t["measured"] and "BentoML" in binary_t["reason"]
 
 
