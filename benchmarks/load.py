@@ -6,7 +6,8 @@ workers, each sending one single-image request (batch 1) at a time to ``/v2/mode
 * ``http-json``: Open Inference Protocol JSON (``data`` as a flat list of floats);
 * ``http-binary``: Triton's binary tensor extension (JSON header, ``Inference-Header-Content-Length``,
   raw little-endian FP32 bytes; the output asked back in binary too);
-* ``grpc``: ``inference.GRPCInferenceService/ModelInfer`` over grpc.aio with ``raw_input_contents``.
+* ``grpc``: ``inference.GRPCInferenceService/ModelInfer`` over grpc.aio with ``raw_input_contents``,
+  spread over ``--channels`` connections (default one per 8 concurrent requests).
 
 Requests in the first ``--warmup`` seconds are not counted; then every worker stops at the deadline
 (``--duration`` seconds later), so a cell is bounded. Prints one JSON line: completed requests, errors,
@@ -75,7 +76,7 @@ async def _http_sender(protocol: str, http: str, model: str, meta: dict[str, Any
     return send, client.aclose
 
 
-async def _grpc_sender(grpc_addr: str, model: str, meta: dict[str, Any]):
+async def _grpc_sender(grpc_addr: str, model: str, meta: dict[str, Any], channels: int):
     import grpc
 
     from serving.oip.proto import grpc_predict_v2_pb2 as pb
@@ -90,18 +91,34 @@ async def _grpc_sender(grpc_addr: str, model: str, meta: dict[str, Any]):
         ],
         raw_input_contents=[x.astype("<f4").tobytes()],
     )
-    channel = grpc.aio.insecure_channel(grpc_addr)
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    # Several HTTP/2 connections, as several clients would open: a server with more than one worker
+    # process shares its gRPC port (SO_REUSEPORT), which spreads connections, not the streams of one.
+    opened = [grpc.aio.insecure_channel(grpc_addr) for _ in range(channels)]
+    stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
+    turn = 0
 
     async def send() -> bool:
-        await stub.ModelInfer(request, timeout=60)
+        nonlocal turn
+        turn += 1
+        await stubs[turn % len(stubs)].ModelInfer(request, timeout=60)
         return True
 
-    return send, channel.close
+    async def close() -> None:
+        for c in opened:
+            await c.close()
+
+    return send, close
 
 
 async def drive(
-    protocol: str, http: str, grpc_addr: str, model: str, concurrency: int, duration_s: float, warmup_s: float
+    protocol: str,
+    http: str,
+    grpc_addr: str,
+    model: str,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    channels: int | None = None,
 ) -> dict[str, Any]:
     """Run the load for ``warmup_s + duration_s`` seconds; statistics cover the last ``duration_s``."""
     import httpx
@@ -110,8 +127,9 @@ async def drive(
         raise ValueError(f"unknown protocol {protocol!r}; valid: {list(PROTOCOLS)}")
     async with httpx.AsyncClient(timeout=30) as c:
         meta = (await c.get(f"{http}/v2/models/{model}")).raise_for_status().json()
+    channels = channels or max(1, concurrency // 8)  # 8 streams per connection
     if protocol == "grpc":
-        send, close = await _grpc_sender(grpc_addr, model, meta)
+        send, close = await _grpc_sender(grpc_addr, model, meta, channels)
     else:
         send, close = await _http_sender(protocol, http, model, meta)
     t_begin = time.perf_counter()
@@ -146,6 +164,7 @@ async def drive(
     return {
         "protocol": protocol,
         "concurrency": concurrency,
+        "grpc_channels": channels if protocol == "grpc" else None,
         "duration_s": duration_s,
         "warmup_s": warmup_s,
         "requests": len(latencies),
@@ -167,13 +186,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument(
+        "--channels", type=int, default=None, help="gRPC connections (default: one per 8 concurrent requests)"
+    )
     a = p.parse_args(argv)
     for addr in (a.http, a.grpc):
         if addr and "127.0.0.1" not in addr and "localhost" not in addr:
             raise SystemExit(f"the load generator only drives loopback servers, got {addr!r}")
     print(
         json.dumps(
-            asyncio.run(drive(a.protocol, a.http, a.grpc, a.model, a.concurrency, a.duration, a.warmup))
+            asyncio.run(
+                drive(a.protocol, a.http, a.grpc, a.model, a.concurrency, a.duration, a.warmup, a.channels)
+            )
         )
     )
 

@@ -370,12 +370,15 @@ def run_comparison(
     duration_s: float,
     warmup_s: float,
     threads: int,
+    kiln_workers: int = 1,
     log=print,
 ) -> dict[str, Any]:
     """Interleaved rounds (Kiln JSON, Kiln binary, Kiln gRPC, then each peer; repeat) at one concurrency.
 
-    Every server runs the graph at ``onnx`` with ``threads`` onnxruntime intra-op threads and batches of
-    at most :data:`BATCH_MAX_SIZE` within :data:`BATCH_WINDOW_MS` (the FastAPI peer does not batch).
+    Every server runs the graph at ``onnx`` with ``threads`` onnxruntime intra-op threads in total and
+    batches of at most :data:`BATCH_MAX_SIZE` within :data:`BATCH_WINDOW_MS` (the FastAPI peer does not
+    batch). Kiln runs ``kiln_workers`` worker processes with ``threads // kiln_workers`` threads each (the
+    same thread budget split over event loops; each worker has its own batcher).
     All servers stay up for the whole comparison; an idle one costs the others little.
     Returns ``{"cells": [...], "summary": [...], "skipped": {peer: reason}, "agreement": {...}}``.
     """
@@ -384,15 +387,18 @@ def run_comparison(
     started: dict[str, peers.Peer] = {}
     agreement: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="kiln-bench-peers-") as logs:
+        kiln_threads = max(1, threads // kiln_workers)
         server = start_server(
             home,
             "--no-train",
             "--models",
             model,
+            "--workers",
+            str(kiln_workers),
             *BATCHING["on"],
             log_dir=Path(logs),
             timeout=300,
-            env={"KILN_THREADS": str(threads)},
+            env={"KILN_THREADS": str(kiln_threads)},
         )
         try:
             input_name, output_name = _model_io(server, model)
@@ -470,6 +476,8 @@ def run_comparison(
         "duration_s": duration_s,
         "warmup_s": warmup_s,
         "threads": threads,
+        "kiln_workers": kiln_workers,
+        "kiln_threads_per_worker": max(1, threads // kiln_workers),
         "batch_max_size": BATCH_MAX_SIZE,
         "batch_window_ms": BATCH_WINDOW_MS,
         "cells": cells,

@@ -46,6 +46,10 @@ class Settings:
     peer_rounds: int = 3
     peer_duration_s: float = 5
     peer_warmup_s: float = 1
+    # Kiln's worker processes beside the peers, splitting the same intra-op thread budget (run_comparison).
+    # On 2 cores, 2 workers x 1 thread served 1.4x the HTTP req/s of 1 worker x 2 threads, at less CPU per
+    # request (interleaved rounds, 30 Nov 2026): one event loop is the HTTP bottleneck, not the model.
+    peer_kiln_workers: int = 2
 
 
 FULL = Settings(
@@ -163,6 +167,7 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
         duration_s=settings.peer_duration_s,
         warmup_s=settings.peer_warmup_s,
         threads=runtimes.server_threads(),
+        kiln_workers=settings.peer_kiln_workers,
     )
     print("   in-process reference again, after the served cells")
     after = runtimes.run_runtimes(**reference_kwargs)
@@ -567,7 +572,8 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
         "127.0.0.1, batching on (`--batch-max-size 32 --batch-window-ms 2`, the defaults) and off "
         "(`--batch-max-size 1`). Load generators, each its own process: HTTP with `wrk -t1 -c<concurrency>` "
         "and `benchmarks/wrk/oip.lua` (compiled C; the Lua script only sends a body prepared once), gRPC "
-        "with `python -m benchmarks.load` (grpc.aio, `raw_input_contents`; no compiled gRPC load generator "
+        "with `python -m benchmarks.load` (grpc.aio, `raw_input_contents`, one HTTP/2 connection per 8 "
+        "requests in flight; no compiled gRPC load generator "
         "such as ghz is packaged here). Each keeps *concurrency* one-image requests in flight for "
         f"{s['served_duration_s']:g} s after a {s['served_warmup_s']:g} s warm-up. *client CPU* is the load "
         "generator's own user + system time over its wall time (`os.wait4`), in cores: what it took from "
@@ -634,7 +640,7 @@ def _client_cpu(row: dict[str, Any]) -> str:
 
 
 _PEER_NOTES = {
-    "kiln-json": "Kiln, OIP JSON; BentoML worker (uvicorn) with the gRPC server on the same event loop",
+    "kiln-json": "Kiln, OIP JSON; each BentoML worker (uvicorn) has the gRPC server on its event loop",
     "kiln-binary": "Kiln, binary tensor extension (JSON header + raw FP32, output asked back in binary)",
     "kiln-grpc": "Kiln, gRPC ModelInfer with raw_input_contents (client: benchmarks.load, grpc.aio)",
     "fastapi": "FastAPI + uvicorn, 1 worker; pydantic body; sync endpoint (thread pool); no batching",
@@ -654,7 +660,10 @@ def _peer_section(comparison: dict[str, Any] | None) -> list[str]:
         f"{c['duration_s']:g} s per cell after a {c['warmup_s']:g} s warm-up; median req/s over the rounds "
         "with the lowest and highest round. Same thread budget: every server's onnxruntime session has "
         f"{c['threads']} intra-op threads, 1 inter-op thread, all graph optimisations and no spinning (as "
-        f"Kiln's runtime); batching servers use batches of at most {c['batch_max_size']} within "
+        f"Kiln's runtime) — Kiln as `kiln serve --workers {c.get('kiln_workers', 1)}` with "
+        f"KILN_THREADS={c.get('kiln_threads_per_worker', c['threads'])}, the same threads in total over its "
+        "worker processes (each its own event loop, batcher and session); batching servers use batches of "
+        f"at most {c['batch_max_size']} within "
         f"{c['batch_window_ms']:g} ms. All servers stay up during the rounds. *server CPU*: user + system "
         "time of the server's whole process tree (`/proc`; Ray's cluster processes included) per completed "
         "request, and in cores; on a shared machine it depends less than req/s on how much CPU each server "
