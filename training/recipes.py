@@ -26,8 +26,11 @@ class Recipe:
     description: str = ""
     model_args: dict[str, Any] = field(default_factory=dict)
     task: str = ""  # the artifact's task; set by each subclass
-    # Models that must be in the store before this one trains or exports (kiln.prepare orders them).
+    # Models that must be in the store before this one trains (kiln.prepare orders them).
     requires: tuple[str, ...] = ()
+    # Models only its export needs (a quality gate's classifier): training starts without them and the
+    # export waits for them.
+    export_requires: tuple[str, ...] = ()
 
     def trainer(self) -> Callable[..., TrainResult]:
         """``train(name, recipe, *, epochs, seed, progress) -> TrainResult`` for this recipe's task."""
@@ -178,7 +181,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     "diffusion-digits": DiffusionRecipe(
         architecture="unet_digits16",
-        requires=("vit-soft",),  # FID-digits, the export's quality gate, embeds with the vit-soft classifier
+        # FID-digits, the export's quality gate, embeds with the vit-soft classifier; training does not
+        export_requires=("vit-soft",),
         description="Class-conditional DDPM/DDIM UNet on 16×16 digits, classifier-free guidance, EMA",
     ),
     "forecaster-goog-daily": ForecastRecipe(
