@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kiln.settings import DEFAULT_MODELS  # noqa: F401  (re-exported: what `make serve` trains and serves)
+
 if TYPE_CHECKING:
     from training.trainer import TrainResult
 
@@ -247,17 +249,6 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 
-DEFAULT_MODELS = (  # what `make serve` trains and serves
-    "vit-soft",
-    "vit-softmax",
-    "diffusion-digits",
-    "forecaster-goog-daily",
-    "forecaster-eurusd-hourly",
-    "embed-old",
-    "embed-new-oca",  # after its old model: compatible with the embed-old it finds in the store
-    "xbt-old",
-    "xbt-new-text",
-)
 
 
 def get_recipe(name: str) -> Recipe:

@@ -105,3 +105,12 @@ def test_a_model_whose_export_waits_trains_at_once_then_exports(fake_recipes, mo
     assert launched[2] == ["prep-gated", "--jobs", "1"]  # its export, once prep-old is ready
     assert len(launched) == 3
     assert any("its export waits for prep-old" in line for line in lines)
+
+
+def test_every_default_model_has_a_recipe_and_serving_serves_the_same_list(monkeypatch):
+    from kiln.settings import DEFAULT_MODELS
+    from serving.config import ServeConfig
+
+    assert set(DEFAULT_MODELS) <= set(recipes.RECIPES)
+    monkeypatch.delenv("KILN_MODELS", raising=False)
+    assert tuple(ServeConfig.from_env().models) == DEFAULT_MODELS
