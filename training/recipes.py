@@ -250,7 +250,6 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-
 def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
