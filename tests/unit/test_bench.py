@@ -182,3 +182,21 @@ def test_markdown_marks_quick_runs_and_skips(tmp_path):
     assert "(quick run — not for the record)" in quick and "MISSED" in quick and "MET" in quick
     assert "too big" in quick and "kiln bench vit" in quick
     assert "not for the record" not in render_markdown(_fake_results(False), tmp_path / "x.json")
+
+
+
+def test_every_suite_header_names_command_machine_load_and_raw_file():
+    from pathlib import Path
+
+    from benchmarks.report import machine_info, run_header
+
+    raw = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "x.json"
+    results = {"command": "kiln bench x", "machine": machine_info(), "wall_seconds": 12.4, "quick": True}
+    lines = run_header(results, raw, "- models: m `m:1`")
+    text = "\n".join(lines)
+    assert lines[0].startswith("**(quick run")
+    assert "- command: `kiln bench x`" in text and "(wall time 12 s)" in text
+    assert "1-min load average" in text and "usable cores" in text
+    assert lines[-2:] == ["- models: m `m:1`", "- raw figures: `benchmarks/results/x.json`"]
+    # an older results file without some machine fields still renders
+    assert "?" in "\n".join(run_header({"command": "c", "machine": {"cpu": "x"}}, raw))
