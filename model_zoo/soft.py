@@ -148,9 +148,10 @@ def _newton_pinv_exportable(a: torch.Tensor, iters: int) -> torch.Tensor:
     scales = 0.5 ** torch.arange(_MAX_HALVINGS + 1, dtype=a.dtype, device=a.device)  # exact powers of 2
     alphas = _initial_alpha(a)[..., None] * scales  # (..., K + 1)
     norms = _residual_norm(alphas, aat[..., None, :, :], eye)  # (..., K + 1)
-    passed = (norms <= _RESIDUAL_THRESHOLD).to(torch.int64)
-    # Number of leading failures = index of the first candidate that passes (ONNX has CumSum, no CumProd).
-    first = (passed.cumsum(-1) == 0).to(torch.int64).sum(-1, keepdim=True).clamp(max=_MAX_HALVINGS)
+    # Index of the first candidate that passes, the last if none does: a Where and a ReduceMin in ONNX
+    # (a CumSum over the pass flags, the previous form, cost onnxruntime 0.4 ms of a 6.7 ms layer).
+    index = torch.arange(_MAX_HALVINGS + 1, device=a.device)
+    first = torch.where(norms <= _RESIDUAL_THRESHOLD, index, _MAX_HALVINGS).amin(-1, keepdim=True)
     alpha = alphas.gather(-1, first).squeeze(-1)
     return _newton_iterations(a, alpha[..., None, None] * a.transpose(-1, -2), iters)
 
@@ -357,12 +358,14 @@ class SoftAttention(nn.Module):
         # Gaussian kernel of the paper, S(q, k) = exp(-||q - k||^2 / 2), expanded as
         # exp(q.k - |q|^2 / 2 - |k|^2 / 2): the norms fill the (B h, N, m) result, one GEMM adds q.k.
         half_q = torch.linalg.vector_norm(q.view(B, N, h, d), dim=-1).transpose(1, 2).reshape(B * h, N, 1)
-        half_q = half_q.square().mul_(-0.5)  # -|q|^2 / 2: (B h, N, 1)
-        half_lm = lm.pow(2).sum(-1).mul_(-0.5).unsqueeze(-2)  # -|q~|^2 / 2: (B h, 1, m)
-        if in_place:
-            e = torch.add(half_q, half_lm).baddbmm_(qh, lm.transpose(-1, -2))
-        else:
-            e = torch.baddbmm(half_q + half_lm, qh, lm.transpose(-1, -2))
+        half_q = half_q.square().mul(-0.5)  # -|q|^2 / 2: (B h, N, 1)
+        half_lm = lm.pow(2).sum(-1, keepdim=True).mul(-0.5)  # -|q~|^2 / 2: (B h, m, 1)
+        if in_place:  # the norms fill the (B h, N, m) result, one GEMM adds q.q~ into it
+            e = torch.add(half_q, half_lm.transpose(-1, -2)).baddbmm_(qh, lm.transpose(-1, -2))
+        else:  # autograd / export: one GEMM of the augmented operands [q, -|q|^2/2, 1] . [q~, 1, -|q~|^2/2]
+            q_aug = torch.cat([qh, half_q, torch.ones_like(half_q)], -1)
+            lm_aug = torch.cat([lm, torch.ones_like(half_lm), half_lm], -1)
+            e = q_aug @ lm_aug.transpose(-1, -2)
         k_nm = _exp_of_exponent(e, in_place)  # K(Q, Q~): (B h, N, m)
         k_mm = gaussian_kernel(lm, lm)  # K(Q~, Q~): (B h, m, m)
         k_inv = newton_pinv(k_mm, self.newton_iters)
