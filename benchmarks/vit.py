@@ -445,9 +445,11 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
         f"of up to {s['attn_reps']} timed runs (at least 3; fewer past {s['attn_budget_s']:g} s). "
         "SOFT: landmark ratio = side // 8, i.e. an 8 x 8 = 64 landmark grid at every size (the trained "
         "models use ratio 2 on their 8 x 8 token grid), 20 Newton iterations. *softmax (explicit)* "
-        "materialises softmax(QK^T / sqrt(d)) V with its N x N scores — the standard quadratic attention and "
-        "**the baseline for the target**; *softmax (SDPA)* is `SoftmaxAttention` as the models run it "
-        "(`F.scaled_dot_product_attention`, a fused kernel that need not hold N x N).",
+        "materialises softmax(QK^T / sqrt(d)) V with its N x N scores — the standard quadratic attention "
+        "of the SOFT paper's comparisons; *softmax (SDPA)* is `SoftmaxAttention` as the models run it "
+        "(`F.scaled_dot_product_attention`, a fused kernel that need not hold N x N) and **the baseline "
+        "for the target**, whose ratios come from the interleaved runs below, not from this table (its "
+        "cells run in separate processes, minutes apart, under the memory runs' allocator setting).",
         "",
         "Peak memory: each configuration runs in a fresh process (with `MALLOC_MMAP_THRESHOLD_=65536` so "
         "freed blocks go back to the OS); the kernel's peak-RSS mark (VmHWM) is reset through "
