@@ -618,7 +618,8 @@ def _attention_comparison_lines(rows: list[dict[str, Any]]) -> list[str]:
         threads = ort[0]["threads"]
         lines += [
             "**In onnxruntime** (`python -m benchmarks.attention_onnx --side S`): the same layers exported "
-            f"and run with the server's session settings ({threads} intra-op threads, one inter-op thread, "
+            f"and run with the server's session settings ({threads} intra-op thread{'s' * (threads != 1)}, "
+            "one inter-op thread, "
             "`ORT_ENABLE_ALL`), interleaved rounds. onnxruntime's optimizer does not fuse the opset-18 "
             "softmax export (`MatMul -> Softmax -> MatMul`) into an attention kernel (*fused nodes* counts "
             "`Attention` / `MultiHeadAttention` in the optimised graph), so the target compares SOFT with "
