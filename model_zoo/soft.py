@@ -395,6 +395,9 @@ class SoftAttention(nn.Module):
                 out = vc
             else:
                 out = vc + (k_nm @ z).view(B, h, N, d).transpose(1, 2).reshape(B, N, C)
+        if in_place:  # Q is dead: the projection writes into its memory instead of fresh pages
+            proj = torch.addmm(self.proj.bias, out.view(B * N, C), self.proj.weight.t(), out=q.view(B * N, C))
+            return self.proj_drop(proj.view(B, N, C))
         return self.proj_drop(self.proj(out))
 
     def _landmarks(self, q: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
