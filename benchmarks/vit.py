@@ -273,7 +273,11 @@ def _attention_target(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "64 x 64 matrices per head, the landmark LayerNorm / GELU, some 60 small kernels) and its "
             "O(N m) passes over memory (the N x m kernel matrix is written, clamped, exponentiated and "
             "read twice) weigh against a fused attention whose N^2 d FLOPs run in cache-blocked GEMMs; "
-            "the crossover moves with the core count and the memory bandwidth"
+            "the crossover moves with the core count and the memory bandwidth. With several threads on a "
+            "machine that other work shares, each of SOFT's ~15 multi-threaded ops also waits at its "
+            "barrier for a descheduled thread while SDPA is one parallel loop (measured on this 2-core VM "
+            "under load 5-8: SOFT 7 ms with one thread, 150 ms with two; SDPA 116 and 150 ms) -- compare "
+            "the machine's load average in the header"
         )
     return {"target": target, "met": met, "measured": measured, "reason": reason}
 
