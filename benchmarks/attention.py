@@ -274,6 +274,7 @@ def measure_interleaved(
         "speedup": med[kinds[1]] / med[kinds[0]],
         "rounds": len(times[kinds[0]]),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1m": round(os.getloadavg()[0], 2),  # at the end: other work on the machine
     }
 
 

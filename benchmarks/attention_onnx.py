@@ -216,6 +216,7 @@ def measure(
         result["kinds"][kind].update(latency_ms=median(times[kind]), latency_ms_all=times[kind])
     for kind, reason in skipped.items():
         result["kinds"][kind] = {"skipped": reason}
+    result["load_average_1m"] = round(os.getloadavg()[0], 2)  # at the end: other work on the machine
     fused = [k for k in FUSED_SOFTMAX if "latency_ms" in result["kinds"].get(k, {})]
     if "soft" in run_kinds and fused:
         best = min(fused, key=lambda k: result["kinds"][k]["latency_ms"])

@@ -224,7 +224,7 @@ def test_attention_target_needs_every_size_in_both_runtimes(speedups, met):
 
 def test_markdown_shows_the_attention_comparisons(tmp_path):
     text = render_markdown(_fake_results(False), tmp_path / "x.json")
-    assert "| 4096 | 64x64 | 2.00 | 10.00 | 5.00x | 7 | 2 |" in text
+    assert "| 4096 | 64x64 | 2.00 | 10.00 | 5.00x | 7 | 2 | - |" in text
     assert (
         "| 4096 | softmax, com.microsoft.MultiHeadAttention | 6.00 | 3.00x | 1 | 1.0e-07 | fastest fused |"
         in text
