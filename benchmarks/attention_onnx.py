@@ -134,14 +134,21 @@ def export_graphs(side: int, dim: int, heads: int, workdir: Path, kinds=KINDS) -
     return paths
 
 
-def open_session(path: Path, threads: int, optimized_path: Path | None = None):
-    """An onnxruntime CPU session with the server's settings (``serving/runtime.py``'s ``OnnxRuntime``)."""
+def open_session(path: Path, threads: int, optimized_path: Path | None = None, spinning: bool = True):
+    """An onnxruntime CPU session with the server's settings (``serving/runtime.py``'s ``OnnxRuntime``).
+
+    ``spinning=False`` sets ``session.intra_op.allow_spinning`` to 0 (not the server's setting): worker
+    threads then sleep between parallel sections instead of spinning, which on a machine whose cores
+    other work shares keeps a graph of many parallel ops from waiting on descheduled spinners.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -163,6 +170,7 @@ def measure(
     rounds: int = 7,
     budget_s: float = 30.0,
     kinds: tuple[str, ...] = KINDS,
+    spinning: bool = True,
 ) -> dict[str, Any]:
     """Export, check and time every kind at ``side x side`` tokens; latencies in ms, interleaved rounds."""
     from benchmarks.runtimes import server_threads
@@ -182,7 +190,7 @@ def measure(
     feeds = {"x": x.numpy()}
     result: dict[str, Any] = {"kind": "onnxruntime", "tokens": tokens, "grid": f"{side}x{side}"}
     result.update(dim=dim, heads=heads)
-    result.update(threads=threads, landmark_ratio=landmark_ratio(side), kinds={})
+    result.update(threads=threads, spinning=spinning, landmark_ratio=landmark_ratio(side), kinds={})
     with tempfile.TemporaryDirectory(prefix="kiln-attn-onnx-") as tmp:
         t0 = time.perf_counter()
         paths = export_graphs(side, dim, heads, Path(tmp), run_kinds)
@@ -190,7 +198,7 @@ def measure(
         sessions = {}
         for kind in run_kinds:
             opt = Path(tmp) / f"{kind}-{side}.opt.onnx"
-            sessions[kind] = open_session(paths[kind], threads, opt)
+            sessions[kind] = open_session(paths[kind], threads, opt, spinning)
             ops = optimized_op_counts(opt)
             out = sessions[kind].run(None, feeds)[0]
             ref = expected["soft" if kind == "soft" else "softmax"]
@@ -266,8 +274,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--budget-s", type=float, default=30.0)
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument(
+        "--no-spinning",
+        action="store_true",
+        help="session.intra_op.allow_spinning=0 (not the server's setting; for a machine under other load)",
+    )
     a = p.parse_args(argv)
-    res = measure(a.side, a.dim, a.heads, a.threads, a.warmup, a.rounds, a.budget_s, tuple(a.kinds))
+    res = measure(
+        a.side, a.dim, a.heads, a.threads, a.warmup, a.rounds, a.budget_s, tuple(a.kinds), not a.no_spinning
+    )
     print(json.dumps(res))
 
 

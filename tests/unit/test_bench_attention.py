@@ -57,3 +57,9 @@ def test_unfused_softmax_is_skipped_past_its_limit(monkeypatch):
     res = attention_onnx.measure(side=8, dim=16, heads=2, threads=1, kinds=("softmax-unfused",))
     assert "skipped" in res["kinds"]["softmax-unfused"]
     assert "speedup_vs_fused" not in res  # nothing measured: no ratio
+
+
+def test_sessions_without_spinning_run_the_same_graph():
+    res = attention_onnx.measure(side=8, dim=16, heads=2, threads=2, kinds=("softmax-mha",), spinning=False)
+    cell = res["kinds"]["softmax-mha"]
+    assert res["spinning"] is False and cell["max_abs_diff"] < 1e-5 and cell["latency_ms"] > 0
