@@ -16,6 +16,10 @@ Paper: Lu et al., "SOFT: Softmax-free Transformer with Linear Complexity", NeurI
 The official kernels are CUDA-only; everything here is plain tensor ops, and the one data-dependent
 piece (choosing the Newton step size) has an export-friendly form selected by :func:`set_exportable` /
 :func:`exportable`, after timm's ``set_layer_config(exportable=True)``.
+
+:func:`kernel_attention` is the formulation written out plainly (the reference the tests hold the
+module to); :meth:`SoftAttention.forward` computes the same numbers arranged for speed on CPU (one GEMM
+per ``O(N m)`` step, no permuted copies, few fresh allocations) -- its docstring gives the measurements.
 """
 
 from __future__ import annotations
