@@ -406,6 +406,11 @@ def _served_target(
         f"{rate:.1f} req/s vs {ref['samples_per_s']:.1f} samples/s in process = {ratio:.0%}"
         f" (concurrency {cmax}, {source}, {errors} errors"
         + (f", gRPC client {client:.0%} of a core" if client is not None else "")
+        + (
+            f", server CPU {summary['server_cpu_ms_per_request']:.2f} ms/request"
+            if summary and summary.get("server_cpu_ms_per_request")
+            else ""
+        )
         + ")"
     )
     reason = ""
@@ -413,7 +418,9 @@ def _served_target(
         reason = (
             "server, load generator and model share the machine's cores: each request's Python work (gRPC "
             "event loop, decoding, batching, metrics) and the Python gRPC client's take CPU the model "
-            "would otherwise use, and the in-process figure has all of it"
+            "would otherwise use, and the in-process figure has all of it; on a shared machine the server "
+            "also gets less of the cores than the in-process loop did (compare its CPU per request with "
+            "the in-process CPU per sample: threads / samples per second)"
         )
     return {"target": target, "met": met, "measured": measured, "reason": reason}
 
