@@ -1,0 +1,60 @@
+"""The int8 parts of ``kiln bench vit`` on a tiny wide ViT: trained, exported through the classifier's export
+spec (parity + quality gate), and measured by the format grid with onnxruntime."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import runtimes
+from export.pipeline import export_artifact
+from export.quantize import Int8StaticQuantizer
+from kiln.artifacts import get_artifact
+from training.recipes import RECIPES, ClassifierRecipe
+from training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def wide_artifact():
+    """``vit-softmax-wide``'s recipe on a tiny config (48 wide, one block, one epoch)."""
+    base = RECIPES["vit-softmax-wide"]
+    recipe = ClassifierRecipe(
+        architecture=base.architecture, epochs=1, model_args={"embed_dim": 48, "depth": 1, "num_heads": 2}
+    )
+    art = train("vit-softmax-wide-test", recipe=recipe, progress=False).artifact
+    export_artifact(art.tag, ["onnx", "int8-static"], log=lambda _: None, progress=False)
+    return get_artifact(art.tag)
+
+
+def test_wide_recipes_are_registered_but_not_defaults():
+    from training.recipes import DEFAULT_MODELS
+
+    for name in ("vit-softmax-wide", "vit-soft-wide"):
+        assert RECIPES[name].architecture.endswith("_wide")
+        assert name not in DEFAULT_MODELS
+
+
+def test_wide_variant_exports_with_parity_and_records_its_int8_format(wide_artifact):
+    onnx_entry, int8_entry = wide_artifact.export("onnx"), wide_artifact.export("int8-static")
+    assert onnx_entry["max_abs_diff"] <= onnx_entry["atol"]
+    assert int8_entry["settings"] == Int8StaticQuantizer().settings()
+    assert int8_entry["gate"]["checks"][0]["metric"] == "val_accuracy"  # gated, whatever the verdict
+
+
+def test_int8_grid_measures_each_cell_against_fp32(wide_artifact):
+    grid = (
+        ("shipped format", "int8-static", {}),
+        ("QOperator per-channel", "int8-static", {"quant_format": "qoperator", "per_channel": True}),
+        ("dynamic", "int8-dynamic", {}),
+    )
+    logs = []
+    rows = runtimes.run_int8_grid(
+        {"wide": wide_artifact}, batch=8, warmup=1, duration_s=0.2, grid=grid, log=logs.append, rounds=2
+    )
+    assert [r["cell"] for r in rows] == [g[0] for g in grid]
+    for r in rows:
+        assert r["speedup"] > 0 and r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+        assert 0 <= r["val_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1 and r["quantized_nodes"] > 0
+        assert r["fp32_val_accuracy"] == wide_artifact.export("onnx")["val_accuracy"]
+    assert [r["shipped"] for r in rows] == [True, False, False]
+    assert rows[1]["format"] == "qoperator" and rows[2]["format"] == "dynamic"
+    assert any("shipped format" in line for line in logs)
