@@ -7,14 +7,27 @@ names the calibration set it wants (``calibration``) and the task's export spec
 (:mod:`export.pipeline`) produces it. The TensorRT builds (:mod:`export.tensorrt`) fit the same
 :class:`Quantizer` protocol; this module imports them, never the other way round.
 
-``int8-static``: onnxruntime static quantization in QDQ format — uint8 activations, int8 weights
-(the pairing onnxruntime recommends for x86 CPUs; VNNI cores need no reduced range), MinMax ranges
-from the calibration set. Only the weight-bearing linear layers (MatMul/Gemm with a constant weight) are
-quantized: activation×activation products such as SOFT's kernel matrices and its Newton–Raphson
-pseudo-inverse iterations stay fp32, since an 8-bit Newton iteration does not converge. Convolutions
-(the patch embedding, SOFT's landmark and depthwise V convolutions) stay fp32 too: with them quantized
-the int8 graph ran slower than fp32 on this project's ViTs (BENCHMARKS.md, run `567d2e8`; small and
-depthwise int8 convolutions have no fast kernels in onnxruntime's CPU provider).
+``int8-static``: onnxruntime static quantization (``quant_pre_process``, then ``quantize_static``) in QDQ
+format: uint8 activations with MinMax ranges from the calibration set, int8 weights with one scale per
+output channel, on the weight-bearing linear layers (MatMul/Gemm with a constant weight) only, and with
+their outputs left fp32 (``OpTypesToExcludeOutputQuantization``), so onnxruntime runs each as one
+MatMulIntegerToFloat instead of QLinearMatMul + DequantizeLinear + an fp32 bias Add. Why this format
+(``kiln bench vit`` measures the whole grid, BENCHMARKS.md):
+
+- fp32 GEMM outputs: the largest single gain over main's format (per-tensor, quantized outputs), about 1.3x
+  of it on the 192-wide ViTs; the dequantize + bias pass that quantized outputs need was the cost.
+- per-channel weights: as fast or faster here and never less accurate.
+- U8S8, not S8S8: onnxruntime's x86 kernels (VNNI/AMX on this project's machines) take u8 x s8; int8
+  activations ran slower, much slower when every op is quantized. reduce_range (7-bit weights) is for
+  cores without VNNI and bought nothing here.
+- QDQ, not QOperator: same kernels after onnxruntime's QDQ fusions, and QDQ is what TensorRT's explicit
+  quantization (``int8-trt``) is built from.
+- linear layers only: quantizing every op (Add, Mul, Softmax, the activation x activation products) was
+  the fastest on the 192-wide softmax ViT but slower on SOFT (its Newton iterations become chains of
+  small QLinear ops) and on the 64-wide models; convolutions (the patch embedding, SOFT's landmark and
+  depthwise V convolutions) are small or depthwise and ran slower quantized.
+- dynamic quantization (``int8-dynamic``, no calibration) is as fast as this on the wide models, but its
+  graphs (DynamicQuantizeLinear, MatMulInteger) can not feed TensorRT's explicit quantization.
 """
 
 from __future__ import annotations
@@ -157,14 +170,20 @@ class Int8StaticQuantizer:
         reduce_range: 7-bit weights (for x86 cores without VNNI, whose u8 x s8 products can saturate).
         method: calibration method, ``"minmax"``, ``"entropy"`` or ``"percentile"``.
         quantize_head: also quantize the classifier head (the graph's last weight-bearing node).
+        quantize_linear_outputs: also quantize what MatMul/Gemm write. With it, onnxruntime fuses
+            DQ -> MatMul -> Q into QLinearMatMul and the bias Add that follows runs on a dequantized copy;
+            without (``OpTypesToExcludeOutputQuantization``), DQ -> MatMul -> Add fuses into
+            MatMulIntegerToFloat with its bias, which writes fp32 directly.
     """
 
     name = "int8-static"
     output_suffix = ".int8.onnx"
     source = "onnx"
     calibration = "default"  # the task's own calibration set (training images for classifiers)
+    # The format `kiln export` ships (measured in BENCHMARKS.md's int8 grid, see the module docstring).
     default_ops: ClassVar[str] = "linear"
-    default_per_channel: ClassVar[bool] = False
+    default_per_channel: ClassVar[bool] = True
+    default_quantize_linear_outputs: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -176,6 +195,7 @@ class Int8StaticQuantizer:
         activations: str = "uint8",
         reduce_range: bool = False,
         quantize_head: bool = True,
+        quantize_linear_outputs: bool | None = None,
     ):
         ops = self.default_ops if ops is None else ops
         _choice("calibration method", method, _METHODS)
@@ -189,6 +209,11 @@ class Int8StaticQuantizer:
         self.activations = activations
         self.reduce_range = reduce_range
         self.quantize_head = quantize_head
+        self.quantize_linear_outputs = (
+            self.default_quantize_linear_outputs
+            if quantize_linear_outputs is None
+            else quantize_linear_outputs
+        )
 
     def settings(self) -> dict:
         """The knobs as recorded in the artifact (and as the benchmark's grid names them)."""
@@ -200,6 +225,7 @@ class Int8StaticQuantizer:
             "reduce_range": self.reduce_range,
             "calibration_method": self.method,
             "quantize_head": self.quantize_head,
+            "quantize_linear_outputs": self.quantize_linear_outputs,
         }
 
     def quantize(self, src: Path, dst: Path, calibration: CalibrationReader) -> dict:
@@ -231,6 +257,9 @@ class Int8StaticQuantizer:
                 calibrate_method=_METHODS[self.method],
                 nodes_to_quantize=nodes,
                 nodes_to_exclude=exclude or None,
+                extra_options={}
+                if self.quantize_linear_outputs
+                else {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
             )
         return {
             "method": self.name,
@@ -298,6 +327,7 @@ class _DiffusionW8A8(Int8StaticQuantizer):
 
     default_ops = "linear+conv"
     default_per_channel = True
+    default_quantize_linear_outputs = True  # W8A8 end to end, as PTQ4DM
 
 
 class PTQ4DMQuantizer(_DiffusionW8A8):

@@ -58,3 +58,32 @@ def test_int8_grid_measures_each_cell_against_fp32(wide_artifact):
     assert [r["shipped"] for r in rows] == [True, False, False]
     assert rows[1]["format"] == "qoperator" and rows[2]["format"] == "dynamic"
     assert any("shipped format" in line for line in logs)
+
+
+def test_grid_table_marks_the_shipped_format(tmp_path):
+    from benchmarks.vit import _int8_grid_markdown
+
+    row = {
+        "model": "vit-softmax-wide",
+        "batch": 32,
+        "threads": 2,
+        "rounds": 5,
+        "speedup": 1.8,
+        "speedup_min": 1.6,
+        "speedup_max": 2.0,
+        "samples_per_s": 500.0,
+        "val_accuracy": 0.95,
+        "fp32_val_accuracy": 0.955,
+        "test_accuracy": 0.96,
+        "fp32_test_accuracy": 0.96,
+        "quantized_nodes": 12,
+    }
+    text = "\n".join(
+        _int8_grid_markdown(
+            [{**row, "cell": "a", "shipped": True}, {**row, "cell": "b", "shipped": False}],
+            {"int8_grid_duration_s": 2},
+        )
+    )
+    assert "| **a** | 1.80x | 1.60-2.00 |" in text and "| b | 1.80x |" in text
+    assert "0.9500 (-0.5)" in text and "0.9600 (+0.0)" in text
+    assert _int8_grid_markdown([], {}) == []

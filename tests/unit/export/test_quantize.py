@@ -149,6 +149,7 @@ def test_per_channel_activation_type_and_qoperator_reach_the_graph(fp32_graph, t
         "reduce_range": True,
         "calibration_method": "minmax",
         "quantize_head": True,
+        "quantize_linear_outputs": False,
     }
     facts, q, _ = _quantize(src, tmp_path, quant_format="qoperator")
     ops = {n.op_type for n in q.graph.node}
@@ -178,3 +179,30 @@ def test_dynamic_quantization_needs_no_calibration(fp32_graph, tmp_path):
 def test_unknown_settings_name_the_valid_ones(kwargs, match):
     with pytest.raises(ValueError, match=match):
         get_quantizer("int8-static", **kwargs)
+
+
+def test_fp32_linear_outputs_fuse_into_matmul_integer_to_float(fp32_graph, tmp_path):
+    """Without output quantization, onnxruntime runs each linear layer as one MatMulIntegerToFloat."""
+    _, src = fp32_graph
+
+    def fused_ops(settings):
+        _, _, dst = _quantize(src, tmp_path, **settings)
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(str(dst), opts, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+    linear = len(weight_bearing_nodes(onnx.load(str(src))))
+    unfused = fused_ops({"ops": "linear", "quantize_linear_outputs": True})
+    fused = fused_ops({"ops": "linear", "quantize_linear_outputs": False})
+    assert fused.count("MatMulIntegerToFloat") >= linear - 1  # the head may stay a Gemm
+    assert fused.count("DequantizeLinear") < unfused.count("DequantizeLinear")
+
+
+def test_tensorrt_builds_do_not_import_the_quantizer_map():
+    """export.quantize imports export.tensorrt (its engine builds are quantizers), never the reverse."""
+    import subprocess
+    import sys
+
+    code = "import sys, export.tensorrt; sys.exit('export.quantize' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
