@@ -17,8 +17,9 @@ from benchmarks import attention, runtimes, served
 from benchmarks.report import display_path, fmt, machine_info, markdown_table, target_lines, write_results
 
 MODELS = ("vit-soft", "vit-softmax")
-# 192-wide variants, GEMM-bound at batch 32: the int8 target is measured on them (trained here if missing).
-WIDE_MODELS = ("vit-softmax-wide", "vit-soft-wide")
+# The 192-wide SOFT ViT, GEMM-bound at batch 32: the int8 target is measured on it (trained here if
+# missing). vit-softmax-wide (same width, softmax) reaches only 94% on digits in its budget: not used.
+WIDE_MODELS = ("vit-soft-wide",)
 SERVED_MODEL = "vit-soft"
 RESULTS = Path(__file__).resolve().parent / "results" / "vit.json"
 TARGET_TOKENS = 4096
@@ -146,8 +147,22 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
     rt = runtimes.run_runtimes(
         arts, x, labels, settings.runtime_batches, settings.runtime_warmup, settings.runtime_duration_s
     )
-    print(f"   int8 format grid ({len(runtimes.INT8_GRID)} formats per model, batch 32, vs fp32)")
-    grid = runtimes.run_int8_grid(arts, 32, settings.runtime_warmup, settings.int8_grid_duration_s)
+    print(
+        f"   int8 format grid, batch 32, vs fp32: {len(runtimes.INT8_GRID)} formats on "
+        f"{', '.join(WIDE_MODELS)}, {len(runtimes.INT8_GRID_SHORT)} on {', '.join(MODELS)}"
+    )
+    grid = [
+        *runtimes.run_int8_grid(
+            {m: arts[m] for m in WIDE_MODELS}, 32, settings.runtime_warmup, settings.int8_grid_duration_s
+        ),
+        *runtimes.run_int8_grid(
+            {m: arts[m] for m in MODELS},
+            32,
+            settings.runtime_warmup,
+            settings.int8_grid_duration_s,
+            grid=runtimes.INT8_GRID_SHORT,
+        ),
+    ]
     print(f"3/3 served {SERVED_MODEL} (kiln serve process + load-generator processes)")
     reference_kwargs = dict(
         arts={SERVED_MODEL: arts[SERVED_MODEL]},

@@ -388,7 +388,8 @@ def bench(
     suite: Annotated[
         str,
         typer.Argument(
-            help="Benchmark suite: vit (attention, runtimes, serving), diffusion (samplers, PTQ4DM int8, "
+            help="Benchmark suite: vit (attention, runtimes + int8 format grid, serving; trains "
+            "vit-soft-wide if missing), diffusion (samplers, PTQ4DM int8, "
             "hallucination filter; trains and exports diffusion-digits and vit-soft if missing), agent "
             "(CoT / IEP / IEP+CoT accuracy and LLM calls on --data; needs an LLM), forecast "
             "(walk-forward backtest of the forecasters and baselines on GOOG daily and EURUSD hourly), "
