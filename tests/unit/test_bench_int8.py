@@ -87,3 +87,23 @@ def test_grid_table_marks_the_shipped_format(tmp_path):
     assert "| **a** | 1.80x | 1.60-2.00 |" in text and "| b | 1.80x |" in text
     assert "0.9500 (-0.5)" in text and "0.9600 (+0.0)" in text
     assert _int8_grid_markdown([], {}) == []
+
+
+def test_bench_trains_and_exports_a_missing_wide_model(monkeypatch):
+    """`kiln bench vit` trains the wide model when the store lacks it (here its recipe on a tiny config)."""
+    from benchmarks.vit import BenchmarkError, load_models
+
+    tiny = ClassifierRecipe(
+        architecture="vit_soft_wide", epochs=1, model_args={"embed_dim": 48, "depth": 1, "num_heads": 2}
+    )
+    monkeypatch.setitem(RECIPES, "vit-soft-wide-bench-test", tiny)
+    logs = []
+    arts = load_models(log=logs.append, models=(), wide=("vit-soft-wide-bench-test",))
+    art = arts["vit-soft-wide-bench-test"]
+    assert art.export("onnx") and art.export("int8-static")
+    assert any("not in the model store; training it" in line for line in logs)
+    logs.clear()
+    assert load_models(log=logs.append, models=(), wide=("vit-soft-wide-bench-test",))  # found: no training
+    assert not logs
+    with pytest.raises(BenchmarkError, match="make serve"):
+        load_models(log=logs.append, models=("vit-no-such-model",), wide=())
