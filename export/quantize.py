@@ -14,18 +14,21 @@ their outputs left fp32 (``OpTypesToExcludeOutputQuantization``), so onnxruntime
 MatMulIntegerToFloat instead of QLinearMatMul + DequantizeLinear + an fp32 bias Add. Why this format
 (``kiln bench vit`` measures the whole grid, BENCHMARKS.md):
 
-- fp32 GEMM outputs: the largest single gain over main's format (per-tensor, quantized outputs), about 1.3x
-  of it on the 192-wide ViTs; the dequantize + bias pass that quantized outputs need was the cost.
-- per-channel weights: as fast or faster here and never less accurate.
+- fp32 GEMM outputs: the largest single gain over main's format (per-tensor, quantized outputs): at batch
+  32 on one thread, vit-softmax-wide went from 1.40x to 1.65x fp32 and vit-soft-wide from about 1.2x to
+  1.6x; the dequantize + bias pass that quantized outputs need was the cost.
+- per-channel weights: the same speed within this machine's run-to-run noise, and never less accurate.
 - U8S8, not S8S8: onnxruntime's x86 kernels (VNNI/AMX on this project's machines) take u8 x s8; int8
   activations ran slower, much slower when every op is quantized. reduce_range (7-bit weights) is for
   cores without VNNI and bought nothing here.
-- QDQ, not QOperator: same kernels after onnxruntime's QDQ fusions, and QDQ is what TensorRT's explicit
-  quantization (``int8-trt``) is built from.
+- QDQ, not QOperator: QOperator writes QLinearMatMul with 8-bit outputs, so it can not leave GEMM outputs
+  fp32 (1.34x vs 1.62x on vit-soft-wide), and QDQ is what TensorRT's explicit quantization (``int8-trt``)
+  is built from.
 - linear layers only: quantizing every op (Add, Mul, Softmax, the activation x activation products) was
-  the fastest on the 192-wide softmax ViT but slower on SOFT (its Newton iterations become chains of
-  small QLinear ops) and on the 64-wide models; convolutions (the patch embedding, SOFT's landmark and
-  depthwise V convolutions) are small or depthwise and ran slower quantized.
+  the fastest on the 192-wide softmax ViT (2.3x) but slower on SOFT (its Newton iterations become chains
+  of small QLinear ops) and on the 64-wide models, and it cost vit-soft 10 points of accuracy;
+  convolutions (the patch embedding, SOFT's landmark and depthwise V convolutions) are small or depthwise
+  and ran slower quantized.
 - dynamic quantization (``int8-dynamic``, no calibration) is as fast as this on the wide models, but its
   graphs (DynamicQuantizeLinear, MatMulInteger) can not feed TensorRT's explicit quantization.
 """
