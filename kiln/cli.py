@@ -33,6 +33,7 @@ def train(
         str,
         typer.Argument(
             help="Recipe to train: vit-soft, vit-soft-norm, vit-softmax (classifiers), "
+            "vit-soft-wide, vit-softmax-wide (192-wide classifiers, for int8), "
             "diffusion-digits (class-conditional diffusion), forecaster-goog-daily, "
             "forecaster-eurusd-hourly (price forecasters), embed-old, embed-new-independent, "
             "embed-new-bct, embed-new-bt2, embed-new-oca (retrieval; a compatible model needs its old "
