@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.report import fmt, machine_info, markdown_table, write_results
+from benchmarks.report import fmt, machine_info, markdown_table, run_header, write_results
 
 RECORD = Path(__file__).parent / "results" / "agent.json"
 DEFAULT_DATA = Path(__file__).parent / "data" / "agent_mc.jsonl"
@@ -150,9 +150,12 @@ def _markdown(results: dict[str, Any], json_path: Path) -> str:
         [
             "## Agent strategies (multiple choice)",
             "",
-            f"Command: `{results['command']}` — LLM `{results['llm']['model']}` at "
-            f"{results['llm']['base_url']}, {n} questions from `{results['data']}`; "
-            f"raw results in `{json_path}`.",
+            *run_header(
+                results,
+                json_path,
+                f"- LLM `{results['llm']['model']}` at {results['llm']['base_url']}, {n} questions from "
+                f"`{results['data']}`",
+            ),
             "",
             markdown_table(
                 [

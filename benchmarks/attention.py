@@ -20,6 +20,12 @@ Three attentions, all ``dim`` wide with ``heads`` heads, batch 1, under ``torch.
   :class:`model_zoo.soft.SoftmaxAttention`;
 * ``softmax-sdpa``: :class:`model_zoo.soft.SoftmaxAttention` itself, which calls
   ``F.scaled_dot_product_attention`` (a fused kernel that need not materialise N x N).
+
+The speed-up of SOFT over fused SDPA is measured separately by :func:`measure_interleaved`
+(``python -m benchmarks.attention --compare --side 64``): both layers in one process, timed in alternation
+(SOFT, SDPA, SOFT, SDPA, ...) so that a shared machine's drift hits both alike, and with the default
+allocator -- the fixed mmap threshold above exists to make the peak-memory reading exact, and it makes
+every block of 64 KiB or more a fresh ``mmap`` with its page faults on each call, which no server runs with.
 """
 
 from __future__ import annotations
@@ -225,9 +231,81 @@ def run_suite(
     return results
 
 
+COMPARED = ("soft", "softmax-sdpa")
+
+
+def measure_interleaved(
+    side: int,
+    dim: int = 64,
+    heads: int = 2,
+    warmup: int = 2,
+    rounds: int = 7,
+    budget_s: float = 10.0,
+    kinds: tuple[str, ...] = COMPARED,
+) -> dict[str, Any]:
+    """Latency of ``kinds`` at ``side x side`` tokens in alternating rounds; the speed-up of the first
+    over the second is the ratio of their medians."""
+    fns = {kind: build(kind, side, dim, heads) for kind in kinds}
+    x = torch.randn(1, side * side, dim, generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn(x)
+        t_start = time.perf_counter()
+        for i in range(rounds):
+            for kind, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[kind].append((time.perf_counter() - t0) * 1e3)
+            if i + 1 >= min(3, rounds) and time.perf_counter() - t_start > budget_s:
+                break
+    med = {kind: median(t) for kind, t in times.items()}
+    return {
+        "kind": "interleaved",
+        "kinds": list(kinds),
+        "tokens": side * side,
+        "grid": f"{side}x{side}",
+        "dim": dim,
+        "heads": heads,
+        "landmark_ratio": landmark_ratio(side),
+        "latency_ms": med,
+        "latency_ms_all": times,
+        "speedup": med[kinds[1]] / med[kinds[0]],
+        "rounds": len(times[kinds[0]]),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": round(os.getloadavg()[0], 2),  # at the end: other work on the machine
+    }
+
+
+def run_interleaved(
+    sides: list[int], dim: int, heads: int, warmup: int, rounds: int, budget_s: float, log=print
+) -> list[dict[str, Any]]:
+    """:func:`measure_interleaved` of SOFT vs SDPA at each size, each in a fresh subprocess."""
+    results = []
+    for side in sides:
+        cmd = [sys.executable, "-m", "benchmarks.attention", "--compare", "--side", str(side)]
+        cmd += ["--dim", str(dim), "--heads", str(heads), "--warmup", str(warmup), "--reps", str(rounds)]
+        cmd += ["--budget-s", str(budget_s)]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(res)
+        lat = res["latency_ms"]
+        log(
+            f"  interleaved {res['tokens']:>6} tokens: SOFT {lat['soft']:.2f} ms, "
+            f"SDPA {lat['softmax-sdpa']:.2f} ms -> {res['speedup']:.1f}x over {res['rounds']} rounds"
+        )
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kind", choices=KINDS, required=True)
+    p.add_argument("--kind", choices=KINDS, help="measure one kind: latency and peak memory")
+    p.add_argument("--compare", action="store_true", help="SOFT vs SDPA in interleaved rounds (no memory)")
     p.add_argument("--side", type=int, required=True)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
@@ -235,7 +313,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--budget-s", type=float, default=10.0)
     a = p.parse_args(argv)
-    print(json.dumps(measure(a.kind, a.side, a.dim, a.heads, a.warmup, a.reps, a.budget_s)))
+    if a.compare == bool(a.kind):
+        p.error("give exactly one of --kind KIND or --compare")
+    if a.compare:
+        print(json.dumps(measure_interleaved(a.side, a.dim, a.heads, a.warmup, a.reps, a.budget_s)))
+    else:
+        print(json.dumps(measure(a.kind, a.side, a.dim, a.heads, a.warmup, a.reps, a.budget_s)))
 
 
 if __name__ == "__main__":

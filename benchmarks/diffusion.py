@@ -35,11 +35,11 @@ import numpy as np
 
 from benchmarks import hallucination_toy, step_batching
 from benchmarks.report import (
-    display_path,
     fmt,
     machine_info,
     markdown_table,
     percentile,
+    run_header,
     target_lines,
     write_results,
 )
@@ -889,25 +889,18 @@ def _pct(share: float | None) -> str:
 
 def render_markdown(results: dict[str, Any], json_path: Path) -> str:
     """The BENCHMARKS.md section (without its markers) for one run's results."""
-    m, s = results["machine"], results["settings"]
+    s = results["settings"]
     model = results["models"][MODEL]
     classifier = results["models"][CLASSIFIER]
     lines = ["## Diffusion: samplers, PTQ4DM int8, hallucination filter, step-level batching", ""]
-    if results["quick"]:
-        lines += ["**(quick run — not for the record)**", ""]
-    lines += [
-        f"- command: `{results['command']}`",
-        f"- date: {m['date']} (wall time {results['wall_seconds']:.0f} s)",
-        f"- machine: {m['cpu']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
-        f"{m['memory_gib']} GiB RAM, {m['os']}; 1-min load average {m.get('load_average_1m_at_start', '?')} "
-        f"at start, {results.get('load_average_1m_at_end', '?')} at the end (load above the core count means "
-        "other jobs shared the cores: times are then slower than on an idle machine, FID and accuracy are "
-        "not affected)",
-        f"- software: Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']} "
-        f"({', '.join(results['onnxruntime_providers'])}), numpy {m['numpy']}",
+    lines += run_header(
+        results,
+        json_path,
+        "- FID and accuracy do not depend on the load; times do",
         f"- models: {MODEL} `{model['tag']}`; FID-digits features and conditional accuracy: {CLASSIFIER} "
         f"`{classifier['tag']}` (test accuracy {_num(classifier.get('test_accuracy'), 4)})",
-        f"- raw figures: `{display_path(json_path)}`",
+    )
+    lines += [
         "",
         "### Targets",
         "",

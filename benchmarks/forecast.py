@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from benchmarks.report import display_path, fmt, machine_info, markdown_table, target_lines, write_results
+from benchmarks.report import fmt, machine_info, markdown_table, run_header, target_lines, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forecast.json"
 DATASETS = {"GOOG": "forecaster-goog-daily", "EURUSD": "forecaster-eurusd-hourly"}
@@ -405,16 +405,10 @@ def _int8_line(r: dict[str, Any]) -> str:
 
 
 def render_markdown(results: dict[str, Any], json_path: Path) -> str:
-    m = results["machine"]
     lines = [
         "## Forecasting: walk-forward backtest (Performer FAVOR+ / BiLSTM vs baselines)",
         "",
-        f"- command: `{results['command']}`",
-        f"- date: {m['date']} (wall time {results['wall_seconds']:.0f} s)",
-        f"- machine: {m['cpu']}, {m['usable_cores']} usable cores, 1-min load average at start "
-        f"{m['load_average_1m_at_start']}, at end {results['load_average_1m_at_end']}",
-        f"- software: Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}",
-        f"- raw figures: `{display_path(json_path)}`",
+        *run_header(results, json_path),
         "- protocol: rolling origin over the final test period (the recipe's last 20% of bars), which no "
         "choice read: checkpoints by validation pinball loss, ARIMA order by AIC before the test period, "
         "recipes fixed before the first run. Every model forecasts from bars up to its origin only. "

@@ -136,6 +136,38 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def run_header(results: dict[str, Any], json_path: Path | str, *extra: str) -> list[str]:
+    """The lines every suite's BENCHMARKS.md section starts with: the exact command, date and wall time,
+    the machine with its load (other work on the cores slows every timing), software and the raw file.
+
+    ``extra`` lines (e.g. the models measured) go before the raw-figures line.
+    """
+    m = {k: "?" for k in ("date", "cpu", "usable_cores", "logical_cores", "memory_gib", "os")}
+    m |= {k: "?" for k in ("python", "torch", "onnxruntime", "numpy", "load_average_1m_at_start")}
+    m |= results["machine"]  # a results file from an older run may lack a field: "?" then
+    wall = results.get("wall_seconds")
+    load = f"1-min load average {m['load_average_1m_at_start']} at start"
+    if "load_average_1m_at_end" in results:
+        load += f", {results['load_average_1m_at_end']} at the end"
+    providers = results.get("onnxruntime_providers")
+    lines = []
+    if results.get("quick"):
+        lines += ["**(quick run — not for the record)**", ""]
+    lines += [
+        f"- command: `{results['command']}`",
+        f"- date: {m['date']}" + (f" (wall time {wall:.0f} s)" if wall is not None else ""),
+        f"- machine: {m['cpu']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
+        f"{m['memory_gib']} GiB RAM, {m['os']}; {load} (a load above the core count means other work "
+        "shared the cores: times are then slower than on an idle machine)",
+        f"- software: Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}"
+        + (f" ({', '.join(providers)})" if providers else "")
+        + f", numpy {m['numpy']}",
+        *extra,
+        f"- raw figures: `{display_path(json_path)}`",
+    ]
+    return lines
+
+
 def display_path(path: Path | str) -> str:
     """``path`` relative to the repository root when it lies inside it (as BENCHMARKS.md shows raw files)."""
     root = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.report import display_path, fmt, machine_info, markdown_table, target_lines, write_results
+from benchmarks.report import fmt, machine_info, markdown_table, run_header, target_lines, write_results
 
 RECORD = Path(__file__).parent / "results" / "retrieval.json"
 OLD = "embed-old"
@@ -339,7 +339,6 @@ def _saturation_note(xbt: dict[str, Any]) -> list[str]:
 
 def markdown(results: dict[str, Any], json_path: Path) -> str:
     c, x = results["compatibility"], results["xbt"]
-    m = results["machine"]
 
     def cells(d: dict | None) -> list[str]:
         return [fmt(d[k]) for k in ("top1", "top5", "map")] if d else ["-", "-", "-"]
@@ -356,9 +355,7 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
     lines = [
         "## Retrieval: backward-compatible embeddings (BCT, BT², OCA) and XBT",
         "",
-        f"Command: `{results['command']}` — {m['date']}, {m['cpu']}, {m['usable_cores']} cores "
-        f"(load average {m.get('load_average_1m_at_start', '-')} at the start), torch {m['torch']}; "
-        f"raw figures in `{display_path(json_path)}`.",
+        *run_header(results, json_path),
         "",
         "Digits (sklearn, 8×8 upsampled to 16×16); old model `embed-old` (small CNN, 32-d) trained on "
         "digits 0-4 only, new models (wider CNN) on all ten; BT² and OCA embed in 32 compatible + 32 extra "

@@ -28,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.report import fmt, machine_info, markdown_table, percentile, target_lines, write_results
+from benchmarks.report import (
+    fmt,
+    machine_info,
+    markdown_table,
+    percentile,
+    run_header,
+    target_lines,
+    write_results,
+)
 
 RECORD = Path(__file__).parent / "results" / "retrieval-gallery.json"
 OLD, NEW = "embed-old", "embed-new-bt2"
@@ -174,7 +182,6 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(results: dict[str, Any], json_path: Path) -> str:
-    m = results["machine"]
     cost = markdown_table(
         ["items", "build (s)", "upgrade (s)", "re-embedded", "full backfill (s)", "re-embedded", "speed-up"],
         [
@@ -205,7 +212,7 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         [
             "## Retrieval galleries: upgrade cost and search latency (Milvus Lite)",
             "",
-            f"`{results['command']}` — {m.get('cpu', '?')}, {m.get('date', '')}; raw: `{json_path.name}`.",
+            *run_header(results, json_path),
             "",
             f"Gallery of augmented digits embedded by `{OLD}`; upgrade to `{NEW}` (BT²). *Upgrade*: the new "
             "model queries the old vectors through its compatible subspace at once. *Full backfill*: every "

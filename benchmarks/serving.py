@@ -26,7 +26,15 @@ import httpx
 import numpy as np
 
 from benchmarks._server import metric_total, start_server, stop_server
-from benchmarks.report import fmt, machine_info, markdown_table, percentile, target_lines, write_results
+from benchmarks.report import (
+    fmt,
+    machine_info,
+    markdown_table,
+    percentile,
+    run_header,
+    target_lines,
+    write_results,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
 MODEL = "vit-soft"
@@ -211,7 +219,7 @@ def run(quick: bool = False, output: str = "BENCHMARKS.md", command: str = "kiln
 
 
 def _markdown(results: dict[str, Any], json_path: Path) -> str:
-    m, cap, ov = results["machine"], results["capacity"], results["overload"]
+    cap, ov = results["capacity"], results["overload"]
     bound_ms = 1000 + 2 * (cap["latency_ms_p99"] or 0)  # the queue-time bound plus about a batch
     targets = [
         {
@@ -236,10 +244,7 @@ def _markdown(results: dict[str, Any], json_path: Path) -> str:
     lines = [
         "## Serving under overload (`kiln bench serving`)",
         "",
-        f"Command: `{results['command']}`{' (quick: not the record)' if results['quick'] else ''}. "
-        f"Raw figures: `{json_path.name}`. Machine: {m['cpu']}, {m['usable_cores']} usable cores, load "
-        f"average {m['load_average_1m_at_start']} at start (shared with other work: figures are lower "
-        "than on an idle machine, and the client runs on the same cores as the server).",
+        *run_header(results, json_path, "- the load generator runs on the same cores as the server"),
         "",
         f"Server: {results['server_args']}. Capacity: closed loop, HTTP binary tensors, concurrency "
         f"{cap['concurrency']}, {cap['duration_s']:.0f} s. "

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import attention, runtimes, served
+from benchmarks import attention, attention_onnx, runtimes, served
 from benchmarks.report import display_path, fmt, machine_info, markdown_table, target_lines, write_results
 
 MODELS = ("vit-soft", "vit-softmax")
@@ -22,7 +22,9 @@ MODELS = ("vit-soft", "vit-softmax")
 WIDE_MODELS = ("vit-soft-wide",)
 SERVED_MODEL = "vit-soft"
 RESULTS = Path(__file__).resolve().parent / "results" / "vit.json"
-TARGET_TOKENS = 4096
+# The issue's SOFT target: tokens -> required speed-up of one SOFT layer over fused softmax attention
+# (PyTorch's SDPA in eager mode; onnxruntime's own attention kernel on the exported graphs).
+ATTENTION_TARGETS = {4096: 4.0, 16384: 15.0}
 
 
 class BenchmarkError(RuntimeError):
@@ -143,6 +145,12 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
         settings.attn_reps,
         settings.attn_budget_s,
     )
+    # The target's comparisons, at the target sizes this run covers: SOFT vs SDPA interleaved in one
+    # process, then the exported layers in onnxruntime (rows of kind "interleaved" / "onnxruntime").
+    target_sides = [s for s in settings.sides if s * s in ATTENTION_TARGETS]
+    attn_args = (settings.attn_dim, settings.attn_heads, settings.attn_warmup, settings.attn_reps)
+    attn += attention.run_interleaved(target_sides, *attn_args, settings.attn_budget_s)
+    attn += attention_onnx.run_suite(target_sides, *attn_args, 2 * settings.attn_budget_s)
     print("2/3 runtimes (in process)")
     size = tuple(arts[MODELS[0]].manifest["preprocess"]["size"])
     x, labels = split_inputs("test", size)
@@ -256,45 +264,83 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _attention_target(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    target = f"at {TARGET_TOKENS} tokens SOFT >= 4x faster and >= 8x less peak memory than softmax attention"
-    soft = _find(rows, kind="soft", tokens=TARGET_TOKENS)
-    ref = _find(rows, kind="softmax-explicit", tokens=TARGET_TOKENS)
-    sdpa = _find(rows, kind="softmax-sdpa", tokens=TARGET_TOKENS)
+    """The issue's SOFT target from the interleaved PyTorch rows and the onnxruntime rows.
+
+    ``met`` is False as soon as a measured ratio misses, None when a target size was not measured (a
+    ``--quick`` run stops at 4096 tokens), else True. The explicit-softmax figures (speed and peak
+    memory at 4096 tokens, from the per-kind rows) are reported beside it, not judged.
+    """
+    sizes = " and ".join(f">= {x:g}x at {n} tokens" for n, x in ATTENTION_TARGETS.items())
+    target = (
+        f"one SOFT layer faster than fused softmax attention, {sizes}: in PyTorch vs SDPA (interleaved) "
+        "and in onnxruntime on the exported graphs vs onnxruntime's own attention kernel"
+    )
+    parts, misses, missing = [], [], []
+    for tokens, need in ATTENTION_TARGETS.items():
+        eager = _find(rows, kind="interleaved", tokens=tokens)
+        ort = _find(rows, kind="onnxruntime", tokens=tokens)
+        if eager:
+            lat = eager["latency_ms"]
+            parts.append(
+                f"{tokens} tokens PyTorch: SOFT {lat['soft']:.2f} ms vs SDPA {lat['softmax-sdpa']:.2f} ms "
+                f"= {eager['speedup']:.2f}x"
+            )
+            if eager["speedup"] < need:
+                misses.append(f"PyTorch at {tokens} tokens {eager['speedup']:.2f}x < {need:g}x")
+        else:
+            missing.append(f"PyTorch at {tokens}")
+        if ort and "speedup_vs_fused" in ort:
+            best = ort["fastest_fused_softmax"]
+            soft_ms, best_ms = ort["kinds"]["soft"]["latency_ms"], ort["kinds"][best]["latency_ms"]
+            parts.append(
+                f"{tokens} tokens onnxruntime: SOFT {soft_ms:.2f} ms vs {best} {best_ms:.2f} ms "
+                f"= {ort['speedup_vs_fused']:.2f}x"
+            )
+            if ort["speedup_vs_fused"] < need:
+                misses.append(f"onnxruntime at {tokens} tokens {ort['speedup_vs_fused']:.2f}x < {need:g}x")
+        else:
+            missing.append(f"onnxruntime at {tokens}")
+    explicit = _explicit_comparison(rows, min(ATTENTION_TARGETS))
+    measured = "; ".join(parts) if parts else "not measured in this run"
+    if missing and parts:
+        measured += f" (not measured in this run: {', '.join(missing)} tokens)"
+    if explicit:
+        measured += f"; beside it, {explicit}"
+    met = False if misses else (None if missing else True)
+    reason = ""
+    if misses:
+        reason = (
+            f"{'; '.join(misses)}: SOFT's costs that do not shrink with the sequence (20 Newton steps on "
+            "64 x 64 matrices per head, the landmark LayerNorm / GELU, some 60 small kernels) and its "
+            "O(N m) passes over memory (the N x m kernel matrix is written, clamped, exponentiated and "
+            "read twice) weigh against a fused attention whose N^2 d FLOPs run in cache-blocked GEMMs; "
+            "the crossover moves with the core count and the memory bandwidth. With two threads on a "
+            "machine that other work shares, each of SOFT's ~15 multi-threaded ops also spins at its "
+            "OpenMP barrier for a descheduled thread while SDPA is one parallel loop: on this 2-core VM at "
+            "load ~6, 4096 tokens, SOFT took 796 ms with the default wait policy and 17 ms with "
+            "OMP_WAIT_POLICY=PASSIVE (SDPA 143 and 89 ms); onnxruntime's spinning pool likewise (16384 "
+            "tokens, two threads: SOFT 82 ms spinning, 49 ms with `--no-spinning`; MultiHeadAttention "
+            "1075 / 1090 ms) -- see the load average beside each ratio"
+        )
+    return {"target": target, "met": met, "measured": measured, "reason": reason}
+
+
+def _explicit_comparison(rows: list[dict[str, Any]], tokens: int) -> str:
+    """SOFT vs the explicit N x N softmax (and peak memory vs SDPA) at ``tokens``, from the per-kind rows."""
+    soft = _find(rows, kind="soft", tokens=tokens)
+    ref = _find(rows, kind="softmax-explicit", tokens=tokens)
     if not soft or not ref or "skipped" in ref or "skipped" in soft:
-        return {"target": target, "met": None, "measured": "not measured in this run", "reason": ""}
+        return ""
     speed = ref["latency_ms"] / soft["latency_ms"]
     mem = ref["peak_mib"] / soft["peak_mib"] if soft["peak_mib"] > 0 else float("inf")
-    measured = f"vs explicit softmax(QK^T)V: speed-up {speed:.2f}x, peak-memory reduction {mem:.1f}x"
-    if sdpa and "skipped" not in sdpa:
-        s_speed = sdpa["latency_ms"] / soft["latency_ms"]
-        s_mem = sdpa["peak_mib"] / soft["peak_mib"] if soft["peak_mib"] > 0 else float("inf")
-        measured += (
-            f" (vs SDPA, as SoftmaxAttention runs: speed-up {s_speed:.2f}x, memory reduction {s_mem:.1f}x)"
-        )
-    met = speed >= 4 and mem >= 8
-    reason = ""
-    if not met:
-        parts = []
-        if speed < 4:
-            parts.append(
-                f"SOFT's fixed costs (landmark conv, 20 Newton iterations on {soft.get('landmarks')} "
-                f"landmarks, depthwise V conv, ~40 small ops in eager mode) are not amortised at "
-                f"{TARGET_TOKENS} tokens with head dim {soft['dim'] // soft['heads']}, where one dense "
-                "N x N GEMM on 2 CPU cores is cheap"
-            )
-        if mem < 8:
-            parts.append(
-                "SOFT's peak is dominated by O(N d) activations and the N x m kernel, not by an N x N "
-                "matrix, and at this width they are a large share of the quadratic baseline"
-            )
-        reason = "; ".join(parts)
-    return {
-        "target": target,
-        "met": met,
-        "measured": measured,
-        "reason": reason,
-        "baseline": "softmax-explicit",
-    }
+    text = (
+        f"at {tokens} tokens vs the explicit softmax(QK^T)V (separate processes): speed-up {speed:.2f}x, "
+        f"peak-memory reduction {mem:.1f}x"
+    )
+    sdpa = _find(rows, kind="softmax-sdpa", tokens=tokens)
+    if sdpa and "skipped" not in sdpa and soft["peak_mib"] > 0:
+        text += f" (SDPA's peak is {sdpa['peak_mib'] / soft['peak_mib']:.2f}x SOFT's)"
+    return text
 
 
 def _int8_target(rows: list[dict[str, Any]], grid: list[dict[str, Any]] = ()) -> dict[str, Any]:
@@ -453,9 +499,11 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
         f"of up to {s['attn_reps']} timed runs (at least 3; fewer past {s['attn_budget_s']:g} s). "
         "SOFT: landmark ratio = side // 8, i.e. an 8 x 8 = 64 landmark grid at every size (the trained "
         "models use ratio 2 on their 8 x 8 token grid), 20 Newton iterations. *softmax (explicit)* "
-        "materialises softmax(QK^T / sqrt(d)) V with its N x N scores — the standard quadratic attention and "
-        "**the baseline for the target**; *softmax (SDPA)* is `SoftmaxAttention` as the models run it "
-        "(`F.scaled_dot_product_attention`, a fused kernel that need not hold N x N).",
+        "materialises softmax(QK^T / sqrt(d)) V with its N x N scores — the standard quadratic attention "
+        "of the SOFT paper's comparisons; *softmax (SDPA)* is `SoftmaxAttention` as the models run it "
+        "(`F.scaled_dot_product_attention`, a fused kernel that need not hold N x N) and **the baseline "
+        "for the target**, whose ratios come from the interleaved runs below, not from this table (its "
+        "cells run in separate processes, minutes apart, under the memory runs' allocator setting).",
         "",
         "Peak memory: each configuration runs in a fresh process (with `MALLOC_MMAP_THRESHOLD_=65536` so "
         "freed blocks go back to the OS); the kernel's peak-RSS mark (VmHWM) is reset through "
@@ -466,6 +514,8 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
     ]
     rows = []
     for r in results["attention"]:
+        if r["kind"] not in attention.KINDS:  # the target's comparisons, rendered below
+            continue
         label = {"soft": "SOFT", "softmax-explicit": "softmax (explicit)", "softmax-sdpa": "softmax (SDPA)"}[
             r["kind"]
         ]
@@ -482,6 +532,7 @@ def render_markdown(results: dict[str, Any], json_path: Path) -> str:
         ),
         "",
     ]
+    lines += _attention_comparison_lines(results["attention"])
     lines += ["### 2. PyTorch eager vs onnxruntime fp32 vs int8", ""]
     thr = results["runtimes"][0]["threads"] if results["runtimes"] else "?"
     lines += [
@@ -616,6 +667,96 @@ def _int8_grid_markdown(rows: list[dict[str, Any]], s: dict[str, Any]) -> list[s
         ),
         "",
     ]
+    return lines
+
+
+def _attention_comparison_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The target's comparisons: SOFT vs SDPA interleaved in PyTorch; the exported layers in onnxruntime."""
+    eager = [r for r in rows if r["kind"] == "interleaved"]
+    ort = [r for r in rows if r["kind"] == "onnxruntime"]
+    lines = []
+    if eager:
+        lines += [
+            "**SOFT vs fused SDPA, interleaved** (`python -m benchmarks.attention --compare --side S`): both "
+            "layers in one process with the default allocator (the mmap threshold of the memory runs "
+            "above turns every large block into fresh page faults on each call, which no server runs "
+            "with), timed in alternation, SOFT then SDPA, each round; the speed-up is the ratio of the "
+            "medians.",
+            "",
+            markdown_table(
+                ["tokens", "grid", "SOFT ms", "SDPA ms", "speed-up", "rounds", "torch threads", "load avg"],
+                [
+                    [
+                        r["tokens"],
+                        r["grid"],
+                        fmt(r["latency_ms"]["soft"], 2),
+                        fmt(r["latency_ms"]["softmax-sdpa"], 2),
+                        f"{r['speedup']:.2f}x",
+                        r["rounds"],
+                        r["torch_threads"],
+                        r.get("load_average_1m", "-"),
+                    ]
+                    for r in eager
+                ],
+            ),
+            "",
+        ]
+    if ort:
+        labels = {
+            "soft": "SOFT, exported by `export_onnx` (opset 18)",
+            "softmax-mha": "softmax, com.microsoft.MultiHeadAttention",
+            "softmax-attention23": "softmax, exported at opset 23 (ONNX Attention op)",
+            "softmax-unfused": "softmax, exported at opset 18 (MatMul-Softmax-MatMul)",
+        }
+        table = []
+        for r in ort:
+            for kind, cell in r["kinds"].items():
+                if "skipped" in cell:
+                    table.append([r["tokens"], labels[kind], "skipped", "-", "-", "-", cell["skipped"]])
+                    continue
+                soft_ms = r["kinds"]["soft"]["latency_ms"]
+                table.append(
+                    [
+                        r["tokens"],
+                        labels[kind],
+                        fmt(cell["latency_ms"], 2),
+                        f"{cell['latency_ms'] / soft_ms:.2f}x",
+                        cell["fused_attention_nodes"],
+                        f"{cell['max_abs_diff']:.1e}",
+                        "fastest fused"
+                        if kind == r.get("fastest_fused_softmax")
+                        else (
+                            f"load avg {r['load_average_1m']}"
+                            if kind == "soft" and "load_average_1m" in r
+                            else ""
+                        ),
+                    ]
+                )
+        threads = ort[0]["threads"]
+        lines += [
+            "**In onnxruntime** (`python -m benchmarks.attention_onnx --side S`): the same layers exported "
+            f"and run with the server's session settings ({threads} intra-op thread{'s' * (threads != 1)}, "
+            "one inter-op thread, "
+            "`ORT_ENABLE_ALL`), interleaved rounds. onnxruntime's optimizer does not fuse the opset-18 "
+            "softmax export (`MatMul -> Softmax -> MatMul`) into an attention kernel (*fused nodes* counts "
+            "`Attention` / `MultiHeadAttention` in the optimised graph), so the target compares SOFT with "
+            "the faster of onnxruntime's own attention kernels: the `com.microsoft.MultiHeadAttention` "
+            "contrib op and the opset-23 `Attention` op. *max abs diff*: the graph vs its PyTorch layer.",
+            "",
+            markdown_table(
+                [
+                    "tokens",
+                    "graph",
+                    "latency ms (median)",
+                    "time vs SOFT",
+                    "fused nodes",
+                    "max abs diff",
+                    "note",
+                ],
+                table,
+            ),
+            "",
+        ]
     return lines
 
 

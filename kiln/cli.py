@@ -291,13 +291,13 @@ def serve(
     os.execv(sys.executable, cmd)
 
 
-def _prepare(tags, train_missing: bool, epochs: int | None, jobs: int | None) -> None:
+def _prepare(tags, train_missing: bool, epochs: int | None, jobs: int | None, export: bool = True) -> None:
     from export.pipeline import ExportError
     from kiln.artifacts import ArtifactError
     from kiln.prepare import PrepareError, prepare
 
     try:
-        prepare(tags, train_missing=train_missing, epochs=epochs, jobs=jobs, log=typer.echo)
+        prepare(tags, train_missing=train_missing, epochs=epochs, jobs=jobs, export=export, log=typer.echo)
     except (PrepareError, ArtifactError, ExportError, ValueError) as exc:
         _fail(str(exc))
 
@@ -317,15 +317,23 @@ def prepare_cmd(
             help="Models prepared at once, each in its own process (default: one per core).",
         ),
     ] = None,
+    export: Annotated[
+        bool,
+        typer.Option(
+            "--export/--no-export",
+            help="Build the default exports too (--no-export: train what the store lacks, export nothing).",
+        ),
+    ] = True,
 ) -> None:
     """Train the models the store lacks and build their default exports (what `kiln serve` does first).
 
-    Models a recipe requires (FID-digits' classifier for diffusion, an old embedding model for a compatible
-    new one) are prepared first. Useful as an image-build or init step, so a server starts at once.
+    Models a recipe requires are prepared first: an old embedding model before the compatible new one
+    trains; FID-digits' classifier (vit-soft) before diffusion exports, while diffusion trains beside it.
+    Useful as an image-build or init step, so a server starts at once.
     """
     from training.recipes import DEFAULT_MODELS
 
-    _prepare(tuple(models or DEFAULT_MODELS), True, epochs, jobs)
+    _prepare(tuple(models or DEFAULT_MODELS), True, epochs, jobs, export)
 
 
 @models_app.command("list")

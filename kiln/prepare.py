@@ -7,9 +7,12 @@ process with an equal share of the cores (``OMP_NUM_THREADS``), its output in a 
 ``$KILN_HOME/logs``. The models Kiln trains by default are small, and small models use two threads
 poorly, so two one-thread processes on two cores finish sooner than the same models one after the other.
 
-A recipe names the models it needs (:attr:`training.recipes.Recipe.requires`: diffusion's FID-digits
-quality gate reads the vit-soft classifier; a backward-compatible embedding model trains against its old
-model). Those are prepared first, and are added to the plan when the store lacks them.
+A recipe names the models it needs: :attr:`training.recipes.Recipe.requires` before it trains (a
+backward-compatible embedding model trains against its old model), and
+:attr:`~training.recipes.Recipe.export_requires` before it exports only (diffusion's FID-digits quality
+gate reads the vit-soft classifier). They are added to the plan when the store lacks them. A model whose
+export waits for another trains at once (``kiln prepare NAME --no-export``) and exports once that one is
+ready, so the slowest chain is not trained end to end one model after another.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class Job:
     tag: str
     train: bool  # the store lacks the model: train it first
     formats: list[str] = field(default_factory=list)  # default exports it lacks (all of them when training)
-    requires: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # before it trains (or, with nothing to train, before it exports)
+    export_requires: tuple[str, ...] = ()  # before its export only
 
     def describe(self) -> str:
         return "train + export" if self.train else f"export {', '.join(self.formats)}"
@@ -44,9 +48,10 @@ def _missing_formats(art) -> list[str]:
     return [f for f in spec_for(art).default_formats if not art.export(f)]
 
 
-def plan(tags: tuple[str, ...] | list[str], train_missing: bool = True) -> list[Job]:
+def plan(tags: tuple[str, ...] | list[str], train_missing: bool = True, export: bool = True) -> list[Job]:
     """The work that makes every tag servable, with the models they require; dependencies first.
 
+    ``export=False`` plans training only: what the models' exports alone require is left out.
     Raises PrepareError naming what cannot be done (a pinned version the store lacks, an unknown recipe,
     missing work with ``train_missing`` off).
     """
@@ -63,20 +68,22 @@ def plan(tags: tuple[str, ...] | list[str], train_missing: bool = True) -> list[
             raise PrepareError(f"recipes require each other in a cycle: {' -> '.join((*stack, tag))}")
         recipe = RECIPES.get(tag.split(":")[0]) if ":" not in tag else None
         requires = tuple(recipe.requires) if recipe is not None else ()
-        for dep in requires:
+        export_requires = tuple(recipe.export_requires) if recipe is not None and export else ()
+        for dep in (*requires, *export_requires):
             visit(dep, (*stack, tag))
         try:
             art = get_artifact(tag)
         except ArtifactError as exc:
             if recipe is None or not train_missing:
                 raise PrepareError(str(exc)) from None
-            jobs[tag] = Job(tag, train=True, requires=requires)
+            jobs[tag] = Job(tag, train=True, requires=requires, export_requires=export_requires)
         else:
-            missing = _missing_formats(art)
+            missing = _missing_formats(art) if export else []
             if missing:
                 if not train_missing:
                     raise PrepareError(f"{art.tag} lacks exports {missing}; run `kiln export {art.tag}`")
-                jobs[tag] = Job(tag, train=False, formats=missing, requires=requires)
+                deps = tuple(dict.fromkeys((*requires, *export_requires)))
+                jobs[tag] = Job(tag, train=False, formats=missing, requires=deps)
         order.append(tag)
 
     for tag in tags:
@@ -84,8 +91,10 @@ def plan(tags: tuple[str, ...] | list[str], train_missing: bool = True) -> list[
     return [jobs[t] for t in order if t in jobs]
 
 
-def prepare_one(job: Job, epochs: int | None = None, log: Callable[[str], None] = print) -> None:
-    """Train (if needed) and export one model in this process."""
+def prepare_one(
+    job: Job, epochs: int | None = None, log: Callable[[str], None] = print, export: bool = True
+) -> None:
+    """Train (if needed) and export (unless ``export`` is off) one model in this process."""
     from export.pipeline import export_artifact
 
     tag = job.tag
@@ -94,7 +103,8 @@ def prepare_one(job: Job, epochs: int | None = None, log: Callable[[str], None] 
 
         log(f"{tag}: not in the model store; training it (first run only)")
         art = run_training(tag, epochs=epochs).artifact
-        tag, formats = art.tag, _missing_formats(art)  # the task's default formats, as `kiln serve` needs
+        # the task's default formats, as `kiln serve` needs
+        tag, formats = art.tag, (_missing_formats(art) if export else [])
     else:
         formats = job.formats
     if formats:
@@ -112,16 +122,20 @@ def prepare(
     train_missing: bool = True,
     epochs: int | None = None,
     jobs: int | None = None,
+    export: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Job]:
-    """Make every tag servable; returns the jobs that ran. Raises PrepareError if any failed."""
-    work = plan(tags, train_missing)
+    """Make every tag servable (or only trained, with ``export`` off); returns the jobs that ran.
+
+    Raises PrepareError if any failed.
+    """
+    work = plan(tags, train_missing, export)
     if not work:
         return []
     n = default_jobs(len(work)) if jobs is None else max(1, min(jobs, len(work)))
     if n == 1:
         for job in work:
-            prepare_one(job, epochs, log)
+            prepare_one(job, epochs, log, export)
         return work
     _run_parallel(work, n, epochs, log)
     return work
@@ -159,34 +173,47 @@ def _run_parallel(work: list[Job], n: int, epochs: int | None, log: Callable[[st
 
 
 def _schedule(pending, running, done, failed, n, epochs, env, total, log) -> None:
+    after: dict[str, Job] = {}  # trained without export: the export job that follows
     while pending or running:
         for job in list(pending):
             if len(running) >= n:
                 break
-            blocked = [d for d in job.requires if d in failed]
+            blocked = [d for d in (*job.requires, *job.export_requires) if d in failed]
             if blocked:
                 pending.remove(job)
                 failed[job.tag] = f"needs {', '.join(blocked)}, which failed"
                 continue
-            if any(d in {j.tag for j in pending} or d in running for d in job.requires):
+            waiting = {j.tag for j in pending} | set(running)
+            if any(d in waiting for d in job.requires):
                 continue
             pending.remove(job)
-            log_path = _log_dir() / f"prepare-{job.tag.replace(':', '-')}.log"
+            # Its export waits for models not ready yet: train now, export in a second job afterwards.
+            train_only = job.train and any(d in waiting for d in job.export_requires)
+            log_path = _log_dir() / f"prepare-{job.tag.replace(':', '-')}{'-train' if train_only else ''}.log"
             cmd = [sys.executable, "-m", "kiln.cli", "prepare", job.tag, "--jobs", "1"]
+            if train_only:
+                cmd.append("--no-export")
+                after[job.tag] = Job(job.tag, train=False, requires=job.export_requires)
             if epochs is not None:
                 cmd += ["--epochs", str(epochs)]
             with open(log_path, "w") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
             running[job.tag] = (proc, log_path, time.monotonic())
             started_count = len(done) + len(failed) + len(running)
-            log(f"[{started_count}/{total}] {job.tag}: {job.describe()} ({log_path.name})")
+            what = job.describe()
+            if train_only:
+                what = f"train (its export waits for {', '.join(job.export_requires)})"
+            log(f"[{started_count}/{total}] {job.tag}: {what} ({log_path.name})")
         time.sleep(0.5)
         for tag, (proc, log_path, started) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[tag]
             seconds = time.monotonic() - started
-            if proc.returncode == 0:
+            if proc.returncode == 0 and tag in after:  # trained; its export job queues now
+                pending.append(after.pop(tag))
+                log(f"{tag}: trained in {seconds:.0f} s")
+            elif proc.returncode == 0:
                 done.add(tag)
                 log(f"{tag}: ready in {seconds:.0f} s")
             else:

@@ -11,6 +11,20 @@ from pathlib import Path
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The one list of what `make serve` trains and `kiln serve` serves by default (KILN_MODELS / --models
+# override it); training.recipes checks each is a recipe, serving.config reads it as its default.
+DEFAULT_MODELS: tuple[str, ...] = (
+    "vit-soft",
+    "vit-softmax",
+    "diffusion-digits",
+    "forecaster-goog-daily",
+    "forecaster-eurusd-hourly",
+    "embed-old",
+    "embed-new-oca",  # after its old model: compatible with the embed-old it finds in the store
+    "xbt-old",
+    "xbt-new-text",
+)
+
 
 def kiln_home() -> Path:
     """The state directory: ``$KILN_HOME`` if set, else project-local ``.kiln``."""

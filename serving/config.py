@@ -23,13 +23,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from kiln.settings import DEFAULT_MODELS as _DEFAULT_MODELS
+
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("onnxruntime", "onnxruntime-int8", "pytorch", "tensorrt-fp16", "tensorrt-int8")
 GENERATION_BATCHING = ("step", "request")
-DEFAULT_MODELS = (
-    "vit-soft,vit-softmax,diffusion-digits,forecaster-goog-daily,forecaster-eurusd-hourly,"
-    "embed-old,embed-new-oca,xbt-old,xbt-new-text"
-)
+DEFAULT_MODELS = ",".join(_DEFAULT_MODELS)  # KILN_MODELS' default, comma-separated
 
 
 class ConfigError(ValueError):

@@ -86,7 +86,7 @@ class ServedModel(Protocol):
         ...
 
 
-@dataclass
+@dataclass(eq=False)  # a live registry: compared and hashed by identity (per-repository state keys on it)
 class ModelRepository:
     """Models by name, each with one or more loaded versions, plus the ones that are not loaded and why.
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kiln.settings import DEFAULT_MODELS  # noqa: F401  (re-exported: what `make serve` trains and serves)
+
 if TYPE_CHECKING:
     from training.trainer import TrainResult
 
@@ -26,8 +28,11 @@ class Recipe:
     description: str = ""
     model_args: dict[str, Any] = field(default_factory=dict)
     task: str = ""  # the artifact's task; set by each subclass
-    # Models that must be in the store before this one trains or exports (kiln.prepare orders them).
+    # Models that must be in the store before this one trains (kiln.prepare orders them).
     requires: tuple[str, ...] = ()
+    # Models only its export needs (a quality gate's classifier): training starts without them and the
+    # export waits for them.
+    export_requires: tuple[str, ...] = ()
 
     def trainer(self) -> Callable[..., TrainResult]:
         """``train(name, recipe, *, epochs, seed, progress) -> TrainResult`` for this recipe's task."""
@@ -191,7 +196,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     "diffusion-digits": DiffusionRecipe(
         architecture="unet_digits16",
-        requires=("vit-soft",),  # FID-digits, the export's quality gate, embeds with the vit-soft classifier
+        # FID-digits, the export's quality gate, embeds with the vit-soft classifier; training does not
+        export_requires=("vit-soft",),
         description="Class-conditional DDPM/DDIM UNet on 16×16 digits, classifier-free guidance, EMA",
     ),
     "forecaster-goog-daily": ForecastRecipe(
@@ -255,18 +261,6 @@ RECIPES: dict[str, Recipe] = {
         description="XBT: frozen all-MiniLM-L6-v2 + projection into xbt-old's space (text, then pairs)",
     ),
 }
-
-DEFAULT_MODELS = (  # what `make serve` trains and serves
-    "vit-soft",
-    "vit-softmax",
-    "diffusion-digits",
-    "forecaster-goog-daily",
-    "forecaster-eurusd-hourly",
-    "embed-old",
-    "embed-new-oca",  # after its old model: compatible with the embed-old it finds in the store
-    "xbt-old",
-    "xbt-new-text",
-)
 
 
 def get_recipe(name: str) -> Recipe:

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 import time
+import weakref
 from typing import Any, Literal
 
 import numpy as np
@@ -418,12 +419,16 @@ def _split_model(spec: str) -> tuple[str, str]:
     return name, space
 
 
-_HOSTS: dict[int, _GalleryHost] = {}
+# One host per repository, keyed by the repository itself: an id() key could be reused by a later one.
+_HOSTS: weakref.WeakKeyDictionary[ModelRepository, _GalleryHost] = weakref.WeakKeyDictionary()
 
 
 def _host(repo: ModelRepository) -> _GalleryHost:
     """The repository's galleries, one host shared by its routes and its tools (opened by the router)."""
-    return _HOSTS.setdefault(id(repo), _GalleryHost(repo))
+    host = _HOSTS.get(repo)
+    if host is None:
+        host = _HOSTS[repo] = _GalleryHost(repo)
+    return host
 
 
 def _embedder(repo: ModelRepository, spec: str, labels: dict) -> tuple[Embedder, str]:

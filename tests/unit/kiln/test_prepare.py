@@ -20,6 +20,7 @@ def fake_recipes(monkeypatch):
         "prep-top": dataclasses.replace(base, requires=("prep-new", "prep-old")),
         "prep-loop-a": dataclasses.replace(base, requires=("prep-loop-b",)),
         "prep-loop-b": dataclasses.replace(base, requires=("prep-loop-a",)),
+        "prep-gated": dataclasses.replace(base, requires=(), export_requires=("prep-old",)),
     }
     monkeypatch.setattr(recipes, "RECIPES", {**recipes.RECIPES, **table})
     return table
@@ -53,13 +54,63 @@ def test_plan_rejects_an_unknown_model_and_a_missing_pinned_version():
         plan(["vit-soft:doesnotexist"])
 
 
-def test_diffusion_requires_the_fid_classifier():
-    assert "vit-soft" in recipes.RECIPES["diffusion-digits"].requires
+def test_diffusion_export_requires_the_fid_classifier_but_training_does_not():
+    assert "vit-soft" in recipes.RECIPES["diffusion-digits"].export_requires
+    assert "vit-soft" not in recipes.RECIPES["diffusion-digits"].requires
     for name, recipe in recipes.RECIPES.items():  # every requirement is itself a recipe
-        assert set(recipe.requires) <= set(recipes.RECIPES), name
+        assert set(recipe.requires) | set(recipe.export_requires) <= set(recipes.RECIPES), name
+
+
+def test_plan_adds_what_an_export_requires_unless_exports_are_off(fake_recipes):
+    jobs = plan(["prep-gated"])
+    assert [j.tag for j in jobs] == ["prep-old", "prep-gated"]
+    assert jobs[1].requires == () and jobs[1].export_requires == ("prep-old",)
+    assert [j.tag for j in plan(["prep-gated"], export=False)] == ["prep-gated"]
 
 
 def test_default_jobs_is_bounded_by_cores_and_models(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert default_jobs(1) == 1
     assert default_jobs(5) == 2
+
+
+def test_a_model_whose_export_waits_trains_at_once_then_exports(fake_recipes, monkeypatch, tmp_path):
+    """The scheduler's order with two slots; the `kiln prepare` child processes are replaced by a recorder
+    (the real processes run in the integration suite's server fixture)."""
+    import kiln.prepare as prep
+
+    launched: list[list[str]] = []
+
+    class Child:  # finishes on the scheduler's second poll, successfully
+        def __init__(self, cmd, **_):
+            self.cmd, self.polls, self.returncode = cmd, 0, None
+            launched.append(cmd[cmd.index("prepare") + 1 :])
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= 2:
+                self.returncode = 0
+            return self.returncode
+
+        def terminate(self):
+            pass
+
+    monkeypatch.setattr(prep.subprocess, "Popen", Child)
+    monkeypatch.setattr(prep.time, "sleep", lambda s: None)
+    monkeypatch.setattr(prep, "_log_dir", lambda: tmp_path)
+    lines: list[str] = []
+    prep.prepare(["prep-gated"], jobs=2, log=lines.append)
+    # both start together: prep-gated trains without exporting while prep-old is prepared
+    assert launched[:2] == [["prep-old", "--jobs", "1"], ["prep-gated", "--jobs", "1", "--no-export"]]
+    assert launched[2] == ["prep-gated", "--jobs", "1"]  # its export, once prep-old is ready
+    assert len(launched) == 3
+    assert any("its export waits for prep-old" in line for line in lines)
+
+
+def test_every_default_model_has_a_recipe_and_serving_serves_the_same_list(monkeypatch):
+    from kiln.settings import DEFAULT_MODELS
+    from serving.config import ServeConfig
+
+    assert set(DEFAULT_MODELS) <= set(recipes.RECIPES)
+    monkeypatch.delenv("KILN_MODELS", raising=False)
+    assert tuple(ServeConfig.from_env().models) == DEFAULT_MODELS

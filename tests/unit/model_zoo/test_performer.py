@@ -40,12 +40,18 @@ def test_favor_converges_to_softmax_attention_as_features_grow():
     # Monte-Carlo error ~ 1/√m: 16× the features should at least halve it (ideal: a quarter)
     assert errors[-1] < 0.5 * errors[3] and errors[3] < 0.5 * errors[1], errors
     assert errors[-1] < 0.03, errors
-    # and the module's attention output (values averaged by that matrix) with many features
+    # and the module's attention output (values averaged by that matrix) with many features; the
+    # worst entry of one draw is heavy-tailed (2-15 % of max |exact| over 40 draws), so seeded draws
+    # and their median
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 32, 16, generator=g) * 0.5 for _ in range(3))
-    attn = FavorAttention(32, 2, 16384)
     exact = F.scaled_dot_product_attention(q, k, v)
-    assert (attn.attend(q, k, v) - exact).abs().max() < 0.1 * exact.abs().max()
+    worst = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        attn = FavorAttention(32, 2, 16384)
+        worst.append(((attn.attend(q, k, v) - exact).abs().max() / exact.abs().max()).item())
+    assert float(np.median(worst)) < 0.1, worst
 
 
 def test_softmax_kind_is_exact_attention():
