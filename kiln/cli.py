@@ -398,7 +398,7 @@ def bench(
         str,
         typer.Argument(
             help="Benchmark suite: vit (attention, runtimes + int8 format grid, serving; trains "
-            "vit-soft-wide if missing), diffusion (samplers, PTQ4DM int8, "
+            "the 192-wide ViTs if missing), diffusion (samplers, PTQ4DM int8, "
             "hallucination filter; trains and exports diffusion-digits and vit-soft if missing), agent "
             "(CoT / IEP / IEP+CoT accuracy and LLM calls on --data; needs an LLM), forecast "
             "(walk-forward backtest of the forecasters and baselines on GOOG daily and EURUSD hourly), "

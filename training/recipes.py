@@ -182,7 +182,7 @@ RECIPES: dict[str, Recipe] = {
         description="Baseline: the same ViT with standard softmax attention",
     ),
     # 192-wide ViTs, where the linear layers dominate a batch: what int8 static quantization is measured
-    # on (`kiln bench vit` trains vit-soft-wide when it is missing). Not default models.
+    # on (`kiln bench vit` trains them when they are missing). Not default models.
     "vit-softmax-wide": ClassifierRecipe(
         architecture="vit_softmax_wide",
         epochs=30,  # 94% validation accuracy (batch 32: 91%); softmax attention learns slowly on 1.3k digits
