@@ -14,23 +14,22 @@ their outputs left fp32 (``OpTypesToExcludeOutputQuantization``), so onnxruntime
 MatMulIntegerToFloat instead of QLinearMatMul + DequantizeLinear + an fp32 bias Add. Why this format
 (``kiln bench vit`` measures the whole grid, BENCHMARKS.md):
 
-- fp32 GEMM outputs: the largest single gain over main's format (per-tensor, quantized outputs): at batch
-  32 on one thread, vit-softmax-wide went from 1.40x to 1.65x fp32 and vit-soft-wide from about 1.2x to
-  1.6x; the dequantize + bias pass that quantized outputs need was the cost.
-- per-channel weights: the same speed within this machine's run-to-run noise, and never less accurate.
-- U8S8, not S8S8: onnxruntime's x86 kernels (VNNI/AMX on this project's machines) take u8 x s8; int8
-  activations ran slower, much slower when every op is quantized. reduce_range (7-bit weights) is for
+- fp32 GEMM outputs: the one knob that pays. On vit-softmax-wide at batch 32 with the server's two
+  threads on a quiet machine, main's format ran 1.24x fp32, this one 1.58x (vit-soft-wide: about 1.2x to
+  1.5x); the dequantize + fp32 bias pass that quantized outputs need was the cost.
+- per-channel weights: the same speed within noise (1.58x vs 1.59x), never less accurate.
+- U8S8, not S8S8: the x86 kernels (VNNI/AMX here) take u8 x s8; int8 activations were no faster in this
+  format (1.60x) and far slower with every op quantized (0.65x). reduce_range (7-bit weights) is for
   cores without VNNI and bought nothing here.
 - QDQ, not QOperator: QOperator writes QLinearMatMul with 8-bit outputs, so it can not leave GEMM outputs
-  fp32 (1.34x vs 1.62x on vit-soft-wide), and QDQ is what TensorRT's explicit quantization (``int8-trt``)
-  is built from.
-- linear layers only: quantizing every op (Add, Mul, Softmax, the activation x activation products) was
-  the fastest on the 192-wide softmax ViT (2.3x) but slower on SOFT (its Newton iterations become chains
-  of small QLinear ops) and on the 64-wide models, and it cost vit-soft 10 points of accuracy;
-  convolutions (the patch embedding, SOFT's landmark and depthwise V convolutions) are small or depthwise
-  and ran slower quantized.
-- dynamic quantization (``int8-dynamic``, no calibration) is as fast as this on the wide models, but its
-  graphs (DynamicQuantizeLinear, MatMulInteger) can not feed TensorRT's explicit quantization.
+  fp32 (1.25x), and QDQ is what TensorRT's explicit quantization (``int8-trt``) is built from.
+- linear layers only: quantizing every op (Add, Mul, Softmax, the activation x activation products) ran
+  as fast on vit-softmax-wide with two threads (1.58x; 2.3x on one) but lost 0.4 more points there, was
+  slower on SOFT (its Newton iterations become chains of small QLinear ops) and cost vit-soft 10 points of
+  accuracy; convolutions (the patch embedding, SOFT's landmark and depthwise V convolutions) are small or
+  depthwise and ran slower quantized. The head kept fp32 changed nothing measurable.
+- dynamic quantization (``int8-dynamic``, no calibration) was a little faster on the wide models (1.67x),
+  but its graphs (DynamicQuantizeLinear, MatMulInteger) can not feed TensorRT's explicit quantization.
 """
 
 from __future__ import annotations
