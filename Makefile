@@ -7,13 +7,14 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-unit test-integration lint bench proto clean help
+.PHONY: install serve test test-unit test-integration lint bench gpu-check proto clean help
 
 help:
 	@echo "make serve   install, train/export missing default models, start the server (HTTP :3000, gRPC :8001)"
 	@echo "make test    install and run the whole test suite"
 	@echo "make lint    ruff check"
 	@echo "make bench   run benchmarks and update BENCHMARKS.md"
+	@echo "make gpu-check  on a CUDA GPU machine: GPU extras, pytest -m gpu, TensorRT benchmark (.ci/gpu-check)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,9 @@ bench: install
 	$(VENV)/bin/kiln bench forecast
 	$(VENV)/bin/kiln bench retrieval
 	$(VENV)/bin/kiln bench serving
+
+gpu-check:
+	.ci/gpu-check
 
 proto: install
 	$(PY) -m serving.oip.proto.generate

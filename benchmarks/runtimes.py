@@ -129,3 +129,185 @@ def run_runtimes(
                 )
         del loaded
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# the int8 format grid
+# --------------------------------------------------------------------------------------------------
+
+# (label, quantizer, settings): each cell changes one knob of main's int8-static format (the first row),
+# or combines the knobs that paid; the calibration methods change accuracy only. ``kiln bench vit`` builds
+# every cell from each model's fp32 graph with onnxruntime.quantization's own tools (export.quantize).
+_MAIN = {"ops": "linear", "per_channel": False, "quantize_linear_outputs": True}  # main's int8-static
+INT8_GRID: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("QDQ linear per-tensor U8S8 (main)", "int8-static", _MAIN),
+    ("+ per-channel", "int8-static", {**_MAIN, "per_channel": True}),
+    ("QOperator", "int8-static", {**_MAIN, "quant_format": "qoperator"}),
+    ("S8S8 (int8 activations)", "int8-static", {**_MAIN, "activations": "int8"}),
+    ("reduce_range (7-bit weights)", "int8-static", {**_MAIN, "reduce_range": True}),
+    ("head kept fp32", "int8-static", {**_MAIN, "quantize_head": False}),
+    ("+ Conv", "int8-static", {**_MAIN, "ops": "linear+conv"}),
+    ("fp32 GEMM outputs (fp32-out)", "int8-static", {**_MAIN, "quantize_linear_outputs": False}),
+    (
+        "per-channel fp32-out",
+        "int8-static",
+        {"per_channel": True, "quantize_linear_outputs": False},
+    ),
+    (
+        "per-channel fp32-out, S8S8",
+        "int8-static",
+        {"per_channel": True, "quantize_linear_outputs": False, "activations": "int8"},
+    ),
+    (
+        "per-channel fp32-out, QOperator",
+        "int8-static",
+        {"per_channel": True, "quantize_linear_outputs": False, "quant_format": "qoperator"},
+    ),
+    (
+        "per-channel fp32-out, head fp32",
+        "int8-static",
+        {"per_channel": True, "quantize_linear_outputs": False, "quantize_head": False},
+    ),
+    (
+        "per-channel fp32-out, entropy",
+        "int8-static",
+        {"per_channel": True, "quantize_linear_outputs": False, "method": "entropy"},
+    ),
+    (
+        "per-channel fp32-out, percentile",
+        "int8-static",
+        {"per_channel": True, "quantize_linear_outputs": False, "method": "percentile"},
+    ),
+    ("all ops", "int8-static", {**_MAIN, "ops": "all"}),
+    ("all ops + per-channel", "int8-static", {**_MAIN, "ops": "all", "per_channel": True}),
+    ("all ops, S8S8", "int8-static", {**_MAIN, "ops": "all", "activations": "int8"}),
+    ("dynamic (MatMul/Gemm)", "int8-dynamic", {}),
+    ("dynamic per-channel", "int8-dynamic", {"per_channel": True}),
+)
+
+# The cells measured on the 64-wide default models too (the whole grid runs on the wide model only, to
+# keep `kiln bench vit` within minutes): main's format, each of the shipped format's two changes alone and
+# together, every op quantized, and dynamic quantization.
+INT8_GRID_SHORT = tuple(
+    g
+    for g in INT8_GRID
+    if g[0]
+    in (
+        "QDQ linear per-tensor U8S8 (main)",
+        "+ per-channel",
+        "fp32 GEMM outputs (fp32-out)",
+        "per-channel fp32-out",
+        "all ops",
+        "dynamic (MatMul/Gemm)",
+    )
+)
+
+
+def onnx_session(path, threads: int):
+    """An onnxruntime session with the options of the server's ``onnxruntime`` runtimes
+    (:class:`serving.runtime.OnnxRuntime`: ``threads`` intra-op threads, one inter-op, ORT_ENABLE_ALL), on
+    the CPU provider: a grid cell is a file that no artifact serves, so it is opened directly."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_int8_grid(
+    arts: dict[str, Artifact],
+    batch: int,
+    warmup: int,
+    duration_s: float,
+    grid: tuple[tuple[str, str, dict[str, Any]], ...] = INT8_GRID,
+    log=print,
+    rounds: int = 5,
+) -> list[dict[str, Any]]:
+    """Every grid cell on every model: accuracy (validation and test split) and throughput at ``batch``.
+
+    The fp32 graph and all cells of one model are timed in ``rounds`` interleaved rounds (each for
+    ``duration_s / rounds`` per round); a cell's speed-up is the median over rounds of its throughput over
+    the fp32 graph's in the same round, so drift of the shared machine cancels. The row whose settings match
+    the artifact's ``int8-static`` export is marked ``shipped``.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from export.pipeline import spec_for
+    from export.quantize import get_quantizer
+
+    threads = server_threads()
+    rows = []
+    for model, art in arts.items():
+        spec = spec_for(art)
+        fp32_path = art.file(art.export("onnx")["file"])
+        shipped = art.export("int8-static") or {}
+        x_test = spec._split(art, "test")[0]
+        xb = batch_of(x_test, batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            cells: dict[str, dict[str, Any]] = {}
+            settings_of: dict[str, dict[str, Any]] = {}
+            for i, (label, method, settings) in enumerate(grid):
+                quantizer = get_quantizer(method, **settings)
+                settings_of[label] = quantizer.settings()
+                dst = Path(tmp) / f"cell{i}.onnx"
+                calib = spec.calibration(art, quantizer.calibration) if quantizer.calibration else None
+                t0 = time.perf_counter()
+                facts = quantizer.quantize(fp32_path, dst, calib)
+                cells[label] = {
+                    "method": method,
+                    **quantizer.settings(),
+                    "quantize_seconds": round(time.perf_counter() - t0, 2),
+                    "quantized_nodes": facts["quantized_nodes"],
+                    **spec.quality(art, dst),
+                    "path": dst,
+                }
+                cell = cells[label]
+                log(
+                    f"  int8 grid {model:<16} {label:<36} quantized in {cell['quantize_seconds']:5.1f} s, "
+                    f"val acc {cell['val_accuracy']:.4f}"
+                )
+            sessions = {"fp32": onnx_session(fp32_path, threads)}
+            sessions |= {label: onnx_session(c["path"], threads) for label, c in cells.items()}
+            feed = {sessions["fp32"].get_inputs()[0].name: xb}
+            for sess in sessions.values():
+                time_calls(lambda s=sess, f=feed: s.run(None, f), warmup, 0, min_calls=0)
+            tput: dict[str, list[float]] = {k: [] for k in sessions}
+            for _ in range(rounds):
+                for k, sess in sessions.items():
+                    calls, elapsed = time_calls(
+                        lambda s=sess, f=feed: s.run(None, f), 0, duration_s / rounds, min_calls=2
+                    )
+                    tput[k].append(batch * len(calls) / elapsed)
+            del sessions
+        fp32 = art.export("onnx")
+        for label, c in cells.items():
+            c.pop("path")
+            ratios = [a / b for a, b in zip(tput[label], tput["fp32"], strict=True)]
+            row = {
+                "model": model,
+                "version": art.version,
+                "cell": label,
+                **c,
+                "batch": batch,
+                "threads": threads,
+                "rounds": rounds,
+                "samples_per_s": percentile(tput[label], 50),
+                "fp32_samples_per_s": percentile(tput["fp32"], 50),
+                "speedup": percentile(ratios, 50),
+                "speedup_min": min(ratios),
+                "speedup_max": max(ratios),
+                "fp32_val_accuracy": fp32.get("val_accuracy"),
+                "fp32_test_accuracy": fp32.get("test_accuracy"),
+                "shipped": shipped.get("settings") == settings_of[label],
+            }
+            rows.append(row)
+            log(
+                f"  int8 grid {model:<16} {label:<36} {row['speedup']:5.2f}x fp32 "
+                f"(rounds {row['speedup_min']:.2f}-{row['speedup_max']:.2f}), "
+                f"val {row['val_accuracy']:.4f} / test {row['test_accuracy']:.4f}"
+                + ("  <- shipped" if row["shipped"] else "")
+            )
+    return rows

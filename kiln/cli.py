@@ -33,6 +33,7 @@ def train(
         str,
         typer.Argument(
             help="Recipe to train: vit-soft, vit-soft-norm, vit-softmax (classifiers), "
+            "vit-soft-wide, vit-softmax-wide (192-wide classifiers, for int8), "
             "diffusion-digits (class-conditional diffusion), forecaster-goog-daily, "
             "forecaster-eurusd-hourly (price forecasters), embed-old, embed-new-independent, "
             "embed-new-bct, embed-new-bt2, embed-new-oca (retrieval; a compatible model needs its old "
@@ -396,7 +397,8 @@ def bench(
     suite: Annotated[
         str,
         typer.Argument(
-            help="Benchmark suite: vit (attention, runtimes, serving), diffusion (samplers, PTQ4DM int8, "
+            help="Benchmark suite: vit (attention, runtimes + int8 format grid, serving; trains "
+            "the 192-wide ViTs if missing), diffusion (samplers, PTQ4DM int8, "
             "hallucination filter; trains and exports diffusion-digits and vit-soft if missing), agent "
             "(CoT / IEP / IEP+CoT accuracy and LLM calls on --data; needs an LLM), forecast "
             "(walk-forward backtest of the forecasters and baselines on GOOG daily and EURUSD hourly), "

@@ -16,7 +16,14 @@ from torch import nn
 from model_zoo._registry import register_model
 from model_zoo.soft import SoftAttention, SoftmaxAttention
 
-__all__ = ["VisionTransformer", "vit_soft_norm_tiny", "vit_soft_tiny", "vit_softmax_tiny"]
+__all__ = [
+    "VisionTransformer",
+    "vit_soft_norm_tiny",
+    "vit_soft_tiny",
+    "vit_soft_wide",
+    "vit_softmax_tiny",
+    "vit_softmax_wide",
+]
 
 _ATTN_TYPES = ("soft", "soft_norm", "softmax")
 
@@ -210,4 +217,51 @@ def vit_softmax_tiny(
     return VisionTransformer(
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
         attn_type="softmax", drop_rate=drop_rate,
+    )  # fmt: skip
+
+
+# The wide variants: 192-wide tokens (DeiT-Tiny's width, Touvron et al. 2021) with 3 heads of 64 and a 4x MLP,
+# so that at batch 32 the linear layers (qkv, proj, fc1, fc2: 12 d^2 multiply-adds per token and block) are
+# most of the work, rather than the per-op overheads and attention arithmetic of the 64-wide models. They are
+# what int8 static quantization is measured on (BENCHMARKS.md, "kiln bench vit"); depth 3 keeps a digits run
+# of their recipes to a few minutes on two cores.
+
+
+@register_model
+def vit_softmax_wide(
+    img_size: int = 32,
+    in_chans: int = 1,
+    patch_size: int = 4,
+    num_classes: int = 10,
+    embed_dim: int = 192,
+    depth: int = 3,
+    num_heads: int = 3,
+    mlp_ratio: float = 4.0,
+    drop_rate: float = 0.0,
+) -> VisionTransformer:
+    """Softmax ViT, 192 wide: 8x8 tokens, 3 heads, 4x MLP; GEMM-dominated at serving batch sizes."""
+    return VisionTransformer(
+        img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
+        attn_type="softmax", drop_rate=drop_rate,
+    )  # fmt: skip
+
+
+@register_model
+def vit_soft_wide(
+    img_size: int = 32,
+    in_chans: int = 1,
+    patch_size: int = 4,
+    num_classes: int = 10,
+    embed_dim: int = 192,
+    depth: int = 3,
+    num_heads: int = 3,
+    mlp_ratio: float = 4.0,
+    drop_rate: float = 0.0,
+    landmark_ratio: int = 2,
+    newton_iters: int = 20,
+) -> VisionTransformer:
+    """SOFT ViT, 192 wide, otherwise as ``vit_softmax_wide``: 8x8 tokens, 4x4 landmarks."""
+    return VisionTransformer(
+        img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
+        attn_type="soft", landmark_ratio=landmark_ratio, newton_iters=newton_iters, drop_rate=drop_rate,
     )  # fmt: skip

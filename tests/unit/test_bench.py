@@ -98,7 +98,7 @@ def _fake_results(quick: bool) -> dict:
             "latency_ms_p99": 2.0,
             "test_accuracy": a,
         }
-        for m in ("vit-soft", "vit-softmax")
+        for m in ("vit-soft", "vit-softmax", "vit-soft-wide")
         for b, s, a in (
             ("pytorch", 100.0, 0.9),
             ("onnxruntime", 200.0, 0.9),

@@ -12,6 +12,15 @@ MODELS = list_models("vit_*")
 
 def test_variants_registered():
     assert {"vit_soft_tiny", "vit_soft_norm_tiny", "vit_softmax_tiny"} <= set(MODELS)
+    assert {"vit_soft_wide", "vit_softmax_wide"} <= set(MODELS)
+
+
+def test_wide_variants_are_192_wide_and_gemm_heavy():
+    for name in ("vit_soft_wide", "vit_softmax_wide"):
+        model = create_model(name)
+        assert model.num_features == 192
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert linear / sum(p.numel() for p in model.parameters()) > 0.9
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -26,7 +35,8 @@ def test_forward_shapes(name):
     assert logits.shape == (2, 10)
     assert feats.shape == pre.shape == (2, model.num_features)
     torch.testing.assert_close(model.forward_head(feats), logits)
-    assert sum(p.numel() for p in model.parameters()) < 300_000
+    # tiny: the 64-wide defaults; wide: the 192-wide int8 benchmark models
+    assert sum(p.numel() for p in model.parameters()) < (1_500_000 if name.endswith("_wide") else 300_000)
 
 
 @pytest.mark.parametrize("name", MODELS)
