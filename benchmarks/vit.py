@@ -8,13 +8,14 @@ Nothing in the text is a fixed figure: every number and every MET / MISSED comes
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks import attention, attention_onnx, peers, runtimes, served
-from benchmarks.report import display_path, fmt, machine_info, markdown_table, target_lines, write_results
+from benchmarks.report import fmt, machine_info, markdown_table, run_header, target_lines, write_results
 
 MODELS = ("vit-soft", "vit-softmax")
 # The 192-wide ViTs, GEMM-bound at batch 32: the int8 target is measured on them (trained here if missing).
@@ -243,6 +244,7 @@ def run(quick: bool, output: str, command: str) -> dict[str, Any]:
         "served": srv,
         "served_peers": comparison,
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
     }
     results["targets"] = evaluate_targets(results)
     write_results(results, "vit", output, quick, RESULTS, render_markdown)
@@ -534,20 +536,14 @@ def _peer_targets(comparison: dict[str, Any] | None) -> list[dict[str, Any]]:
 def render_markdown(results: dict[str, Any], json_path: Path) -> str:
     """The BENCHMARKS.md section (without its markers) for one run's results."""
     threads = next((r["torch_threads"] for r in results["attention"] if "torch_threads" in r), "?")
-    m, s = results["machine"], results["settings"]
+    s = results["settings"]
     lines = ["## ViT: SOFT vs softmax, runtimes, serving", ""]
-    if results["quick"]:
-        lines += ["**(quick run — not for the record)**", ""]
-    lines += [
-        f"- command: `{results['command']}`",
-        f"- date: {m['date']} (wall time {results['wall_seconds']:.0f} s)",
-        f"- machine: {m['cpu']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
-        f"{m['memory_gib']} GiB RAM, {m['os']}; 1-min load average at start "
-        f"{m.get('load_average_1m_at_start', '?')} (the figures assume an otherwise idle machine)",
-        f"- software: Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']} "
-        f"({', '.join(results['onnxruntime_providers'])}), numpy {m['numpy']}",
+    lines += run_header(
+        results,
+        json_path,
         "- models: " + ", ".join(f"{n} `{v['tag']}`" for n, v in results["models"].items()),
-        f"- raw figures: `{display_path(json_path)}`",
+    )
+    lines += [
         "",
         "### Targets",
         "",
