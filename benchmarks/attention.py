@@ -219,10 +219,7 @@ def run_suite(
                 "--budget-s",
                 str(budget_s),
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **_SUBPROCESS_ENV})
-            if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res = run_json_subprocess(cmd, _SUBPROCESS_ENV)
             results.append(res)
             log(
                 f"  attention {kind:<17} {side * side:>6} tokens: {res['latency_ms']:9.2f} ms  "
@@ -278,6 +275,14 @@ def measure_interleaved(
     }
 
 
+def run_json_subprocess(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run one measurement in a fresh process (``env`` added to ours); its last stdout line is its JSON."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_interleaved(
     sides: list[int], dim: int, heads: int, warmup: int, rounds: int, budget_s: float, log=print
 ) -> list[dict[str, Any]]:
@@ -287,12 +292,7 @@ def run_interleaved(
         cmd = [sys.executable, "-m", "benchmarks.attention", "--compare", "--side", str(side)]
         cmd += ["--dim", str(dim), "--heads", str(heads), "--warmup", str(warmup), "--reps", str(rounds)]
         cmd += ["--budget-s", str(budget_s)]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res = run_json_subprocess(cmd, {"PYTHONUNBUFFERED": "1"})
         results.append(res)
         lat = res["latency_ms"]
         log(

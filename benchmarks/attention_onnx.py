@@ -31,7 +31,6 @@ import argparse
 import collections
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.attention import landmark_ratio
+from benchmarks.attention import landmark_ratio, run_json_subprocess
 from benchmarks.report import median
 from model_zoo.soft import SoftAttention, SoftmaxAttention
 
@@ -245,12 +244,7 @@ def run_suite(
         cmd = [sys.executable, "-m", "benchmarks.attention_onnx", "--side", str(side), "--dim", str(dim)]
         cmd += ["--heads", str(heads), "--warmup", str(warmup), "--rounds", str(rounds)]
         cmd += ["--budget-s", str(budget_s)]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res = run_json_subprocess(cmd, {"PYTHONUNBUFFERED": "1"})
         results.append(res)
         cells = ", ".join(
             f"{k} {v['latency_ms']:.1f} ms" if "latency_ms" in v else f"{k} skipped"

@@ -107,10 +107,8 @@ def test_a_model_whose_export_waits_trains_at_once_then_exports(fake_recipes, mo
     assert any("its export waits for prep-old" in line for line in lines)
 
 
-def test_every_default_model_has_a_recipe_and_serving_serves_the_same_list(monkeypatch):
+def test_every_default_model_has_a_recipe():
     from kiln.settings import DEFAULT_MODELS
-    from serving.config import ServeConfig
 
     assert set(DEFAULT_MODELS) <= set(recipes.RECIPES)
-    monkeypatch.delenv("KILN_MODELS", raising=False)
-    assert tuple(ServeConfig.from_env().models) == DEFAULT_MODELS
+    assert recipes.DEFAULT_MODELS is DEFAULT_MODELS

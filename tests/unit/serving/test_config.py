@@ -1,5 +1,6 @@
 import pytest
 
+from kiln.settings import DEFAULT_MODELS
 from serving.config import ConfigError, ServeConfig
 
 
@@ -13,17 +14,7 @@ def test_defaults(monkeypatch):
     ):
         monkeypatch.delenv(k, raising=False)
     cfg = ServeConfig.from_env()
-    assert cfg.models == (
-        "vit-soft",
-        "vit-softmax",
-        "diffusion-digits",
-        "forecaster-goog-daily",
-        "forecaster-eurusd-hourly",
-        "embed-old",
-        "embed-new-oca",
-        "xbt-old",
-        "xbt-new-text",
-    )
+    assert cfg.models == DEFAULT_MODELS  # the one list (kiln.settings), every entry a recipe (test_prepare)
     assert cfg.backend == "onnxruntime" and cfg.http_port == 3000 and cfg.generation_batching == "step"
 
 
