@@ -194,11 +194,24 @@ def test_cancelled_requests_are_not_computed(srv):
             labels = {"model": "vit-soft", "backend": "pytorch"}
             count0 = await _metric(c, srv, "kiln_inference_count_total", **labels)
             cancelled0 = await _metric(c, srv, "kiln_inference_dropped_total", reason="cancelled", **labels)
-            bigs = await _hold(c, srv)
-            gone = httpx.AsyncClient(timeout=60)
             url = f"{srv.http}/v2/models/vit-soft/infer"
-            smalls = [asyncio.create_task(gone.post(url, json=_body(1, i))) for i in range(3)]
-            await _wait_queued(c, srv, "vit-soft", 4)  # the second big one + three small ones
+            bodies = [json.dumps(_body(1, i)).encode() for i in range(3)]  # encoded before the clock runs
+            gone = httpx.AsyncClient(timeout=60, headers={"content-type": "application/json"})
+            bigs = await _hold(c, srv)
+            smalls = [asyncio.create_task(gone.post(url, content=b)) for b in bodies]
+            # All three small ones wait behind a big one: while the first big one computes, the second
+            # waits too (queue 4); once it finished, the second computes (queue 3). One scrape gives both
+            # figures, so the count says which big one is computing; two scrapes in a row must agree (the
+            # count and the queue gauge move a moment apart when the second big one starts).
+            t0, agreed = time.monotonic(), 0
+            while agreed < 2:
+                text = (await c.get(f"{srv.http}/metrics")).text
+                done = metric_total(text, "kiln_inference_count_total", **labels) - count0
+                queued = metric_total(text, "kiln_inference_queue_size", **labels)
+                assert done < 2 * BIG, "both big requests finished before the small ones were queued"
+                agreed = agreed + 1 if queued - (1 if done == 0 else 0) >= 3 else 0
+                assert time.monotonic() - t0 < 30, f"small ones never queued (queue {queued}, done {done})"
+                await asyncio.sleep(0.005)
             for task in smalls:
                 task.cancel()  # the client goes away: its connections close
             await asyncio.gather(*smalls, return_exceptions=True)
