@@ -128,8 +128,13 @@ def export_cmd(
 @app.command()
 def serve(
     models: Annotated[
-        str, typer.Option(envvar="KILN_MODELS", help="Comma-separated model names or NAME:VERSION tags.")
-    ] = DEFAULT_MODELS,
+        str | None,
+        typer.Option(
+            envvar="KILN_MODELS",
+            help="Comma-separated model names or NAME:VERSION tags (default: the built-in models, or none "
+            "with --model-repository).",
+        ),
+    ] = None,
     backend: Annotated[
         str,
         typer.Option(
@@ -211,6 +216,23 @@ def serve(
             "defaults. KILN_MODEL_SETTINGS takes the same mapping as inline JSON.",
         ),
     ] = None,
+    model_repository: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KILN_MODEL_REPOSITORY",
+            help="A Triton model repository (DIR/<name>/config.pbtxt, DIR/<name>/<version>/model.onnx): "
+            "every model in it is served beside the --models ones.",
+        ),
+    ] = None,
+    repository_poll_s: Annotated[
+        float,
+        typer.Option(
+            envvar="KILN_REPOSITORY_POLL_S",
+            min=0,
+            help="Rescan the model repository this often (seconds; Triton's --model-control-mode=poll): new "
+            "model and version directories are served, removed ones drained and unloaded. 0 = never.",
+        ),
+    ] = 0.0,
     workers: Annotated[int, typer.Option(envvar="KILN_WORKERS", min=1, help="Server worker processes.")] = 1,
     generation_batching: Annotated[
         str,
@@ -245,6 +267,8 @@ def serve(
     """
     from serving.config import ConfigError, ServeConfig
 
+    if models is None:
+        models = "" if model_repository else DEFAULT_MODELS
     env = {
         "KILN_MODELS": models,
         "KILN_BACKEND": backend,
@@ -264,6 +288,9 @@ def serve(
     }
     if model_config:
         env["KILN_MODEL_CONFIG"] = os.path.abspath(model_config)
+    if model_repository:
+        env["KILN_MODEL_REPOSITORY"] = os.path.abspath(model_repository)
+    env["KILN_REPOSITORY_POLL_S"] = str(repository_poll_s)
     os.environ.update(env)
     try:
         config = ServeConfig.from_env()

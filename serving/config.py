@@ -147,6 +147,9 @@ class ServeConfig:
     # 0 = no bound. 512 = two default model queues' worth.
     max_in_flight: int = 512
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> overrides
+    # A Triton model repository served beside the model-store models (serving.triton); "" = none.
+    model_repository: str = ""
+    repository_poll_s: float = 0.0  # rescan the repository this often (Triton's poll mode); 0 = never
 
     def settings_for(self, model: str) -> ModelSettings:
         """The settings of ``model`` (a model-store name): the global ones with its overrides."""
@@ -165,11 +168,19 @@ class ServeConfig:
 
     @classmethod
     def from_env(cls) -> ServeConfig:
+        model_repository = os.environ.get("KILN_MODEL_REPOSITORY", "")
+        if model_repository and not Path(model_repository).is_dir():
+            raise ConfigError(f"KILN_MODEL_REPOSITORY={model_repository!r} is not a directory")
+        # With a model repository, only its models unless KILN_MODELS names model-store ones too.
+        default_models = "" if model_repository else DEFAULT_MODELS
         models = tuple(
-            m.strip() for m in os.environ.get("KILN_MODELS", DEFAULT_MODELS).split(",") if m.strip()
+            m.strip() for m in os.environ.get("KILN_MODELS", default_models).split(",") if m.strip()
         )
-        if not models:
-            raise ConfigError("KILN_MODELS is empty; name at least one model, e.g. KILN_MODELS=vit-soft")
+        if not models and not model_repository:
+            raise ConfigError(
+                "KILN_MODELS is empty; name at least one model, e.g. KILN_MODELS=vit-soft, "
+                "or serve a Triton model repository (KILN_MODEL_REPOSITORY)"
+            )
         backend = os.environ.get("KILN_BACKEND", "onnxruntime")
         if backend not in BACKENDS:
             raise ConfigError(f"KILN_BACKEND={backend!r} is not a backend; valid: {list(BACKENDS)}")
@@ -202,7 +213,11 @@ class ServeConfig:
             model_settings=load_model_settings(
                 os.environ.get("KILN_MODEL_CONFIG"), os.environ.get("KILN_MODEL_SETTINGS")
             ),
+            model_repository=str(Path(model_repository).resolve()) if model_repository else "",
+            repository_poll_s=_number("KILN_REPOSITORY_POLL_S", 0.0, 0.0, float),
         )
+        if config.repository_poll_s and not model_repository:
+            raise ConfigError("KILN_REPOSITORY_POLL_S needs a model repository (KILN_MODEL_REPOSITORY)")
         for model in config.model_settings:  # every override is checked now, not when a model loads
             config.settings_for(model)
         return config

@@ -8,6 +8,7 @@ Configured by ``KILN_*`` environment variables (:class:`serving.config.ServeConf
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import bentoml
@@ -26,6 +27,7 @@ from serving.oip.http import InferFastPath, MountRootMiddleware, create_oip_app
 from serving.repository import ModelRepository
 from serving.routes import OpenAPIVersionMiddleware, create_task_app
 from serving.tasks import load_model, routers, tools
+from serving.triton.repository import TritonRepository
 
 log = logging.getLogger("kiln.serving")
 
@@ -36,9 +38,12 @@ REPOSITORY = ModelRepository()
 # SIGTERM: not ready at once, new requests refused, accepted ones finish; the edge in-flight bound
 # (serving.admission).
 DRAIN = Drain(CONFIG.max_in_flight)
+TRITON = TritonRepository(CONFIG.model_repository, CONFIG) if CONFIG.model_repository else None
 
 
 def _load(tag: str) -> LoadedModel:
+    if TRITON is not None and TRITON.has(tag.partition(":")[0]):  # a Triton repository model
+        return TRITON.load(tag)
     return load_model(get_artifact(tag), CONFIG)
 
 
@@ -57,13 +62,15 @@ def _load_models() -> None:
             REPOSITORY.fail(name, version, reason)
             backend = CONFIG.settings_for(name).backend  # the one it would have served on first
             metrics.MODEL_READY.labels(model=name, version=version, backend=backend).set(0)
+    if TRITON is not None:
+        TRITON.load_all(REPOSITORY)
 
 
 OIP_APP = create_oip_app(
     REPOSITORY,
     max_request_bytes=CONFIG.max_request_bytes,
     admin_token=admin_token(),
-    model_examples=[tag.partition(":")[0] for tag in CONFIG.models],
+    model_examples=[tag.partition(":")[0] for tag in CONFIG.models] + (TRITON.names() if TRITON else []),
 )
 
 
@@ -76,10 +83,14 @@ class Kiln:
         if REPOSITORY.loader is None:
             _load_models()
         self.grpc_server = None
+        self.poller = None
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:
         install_sigterm_drain(DRAIN, lambda: setattr(REPOSITORY, "draining", True), CONFIG.drain_timeout_s)
+        if TRITON is not None and CONFIG.repository_poll_s:  # Triton's --model-control-mode=poll
+            poll = TRITON.poll(REPOSITORY, CONFIG.repository_poll_s)
+            self.poller = asyncio.get_running_loop().create_task(poll)
         if CONFIG.grpc_port:
             self.grpc_server = await start_grpc_server(
                 REPOSITORY,
@@ -94,6 +105,8 @@ class Kiln:
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:
+        if self.poller is not None:
+            self.poller.cancel()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=5)
         for versions in list(REPOSITORY.models.values()):

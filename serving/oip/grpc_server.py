@@ -220,6 +220,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 for t in model.outputs
             ],
         )
+        triton = getattr(model, "triton_config_proto", None)
+        if triton:  # a Triton repository model (serving.triton): its whole config.pbtxt, as Triton answers.
+            # Kiln's ModelConfig is a wire-compatible subset of Triton's: the fields it lacks
+            # (dynamic_batching, instance_group, reshape, label_filename...) travel as unknown fields.
+            config = pb.ModelConfig.FromString(triton)
+            config.backend = model.backends[0]
         config.parameters["backends"].string_value = ",".join(model.backends)
         config.parameters["version"].string_value = model.version
         return pb.ModelConfigResponse(config=config)

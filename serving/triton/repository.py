@@ -1,0 +1,208 @@
+"""A Triton model repository directory, loaded into the server's :class:`~serving.repository.ModelRepository`.
+
+Layout (Triton's "Model Repository" docs): ``DIR/<name>/config.pbtxt`` and ``DIR/<name>/<version>/``
+with the ONNX graph; version directories are positive integers (others, and names starting with 0, are
+ignored as Triton ignores them); hidden entries are skipped. Each model serves the versions its
+``version_policy`` picks; the highest loaded version is the default.
+
+A model that cannot be served (malformed or unsupported config, a graph that contradicts it, no version
+directory, an unreadable label file, a graph onnxruntime will not load) is UNAVAILABLE with the reason in
+the repository index and the log; every other model serves.
+
+Model control: at start-up every model is loaded (Triton's ``--model-control-mode=none``); the admin
+load/unload routes load a version from the directory by name (Triton's explicit mode: the newest version
+the policy allows, or ``parameters.version``); with polling on (:meth:`TritonRepository.poll`, Triton's
+``--model-control-mode=poll``) a new model or version directory is loaded and a removed one is drained
+and unloaded. Polling acts on what changed on disk since the previous scan, so a model an operator
+unloaded stays unloaded until its directory changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving import metrics
+from serving.config import ServeConfig
+from serving.repository import InferenceError, ModelRepository
+from serving.triton import config as tc
+from serving.triton.model import TritonModel, load_version, read_config
+
+log = logging.getLogger("kiln.serving")
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One model directory as found on disk: the versions its policy serves, or why none can be."""
+
+    versions: tuple[int, ...]
+    error: str
+    stamp: tuple  # what changes when the config, labels or a served version's files change
+
+
+class TritonRepository:
+    def __init__(self, root: str | Path, config: ServeConfig):
+        self.root = Path(root)
+        self.config = config
+        self._seen: dict[str, _Scan] = {}
+
+    # --- the directory ---------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """The model directories, by name."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def has(self, name: str) -> bool:
+        return bool(name) and not name.startswith(".") and (self.root / name).is_dir()
+
+    def scan(self, name: str) -> _Scan:
+        model_dir = self.root / name
+        present = _versions(model_dir)
+        stamp = (_stamp(model_dir / tc.CONFIG_FILE), tuple((v, _stamp(model_dir / str(v))) for v in present))
+        try:
+            model_config, _ = read_config(model_dir)
+            label = tc.labels_file(model_config)
+            stamp += (_stamp(model_dir / label) if label else None,)
+            if not present:
+                raise tc.TritonConfigError(
+                    f"no version directory: put the graph in {model_dir}/1/"
+                    f"{model_config.default_model_filename or tc.DEFAULT_MODEL_FILENAME}"
+                )
+            wanted = tc.select_versions(model_config, present)
+            if not wanted:
+                raise tc.TritonConfigError(f"version_policy serves none of the versions present {present}")
+        except tc.TritonConfigError as exc:
+            return _Scan((), str(exc), stamp)
+        return _Scan(tuple(wanted), "", stamp)
+
+    def load(self, tag: str) -> TritonModel:
+        """Load ``NAME`` (the newest version the policy serves) or ``NAME:VERSION`` (blocking): the
+        server's loader for repository models (model control)."""
+        name, _, version = tag.partition(":")
+        if version:
+            if not version.isdigit() or version.startswith("0"):
+                raise tc.TritonConfigError(
+                    f"version {version!r} is not a Triton version (a positive integer)"
+                )
+            number = int(version)
+        else:
+            found = self.scan(name)
+            if found.error:
+                raise tc.TritonConfigError(found.error)
+            number = found.versions[-1]
+        model = load_version(self.root / name, number, self.config)
+        for note in model.notes:
+            log.info("%s:%s: %s", name, number, note)
+        return model
+
+    # --- start-up --------------------------------------------------------------------------------------
+
+    def load_all(self, repo: ModelRepository) -> None:
+        """Load every model of the directory (blocking, at start-up); failures are recorded per model."""
+        for name in self.names():
+            found = self._seen[name] = self.scan(name)
+            if name in repo.models:
+                self._fail(repo, name, "", f"the name is taken by the model-store model {name!r}", True)
+                continue
+            if found.error:
+                self._fail(repo, name, "", found.error, True)
+                continue
+            reasons = []
+            for version in found.versions:  # oldest first: the newest loaded ends up the default
+                try:
+                    repo.add(self.load(f"{name}:{version}"))
+                except Exception as exc:  # noqa: BLE001 - isolation: a failure is this version's alone
+                    reasons.append(f"version {version}: {type(exc).__name__}: {exc}")
+                    log.error("model %s version %s is UNAVAILABLE: %s", name, version, reasons[-1])
+            if name not in repo.models:
+                self._fail(repo, name, str(found.versions[-1]), "; ".join(reasons), True)
+
+    @staticmethod
+    def _fail(repo: ModelRepository, name: str, version: str, reason: str, configured: bool) -> None:
+        log.error("model %s is UNAVAILABLE: %s", name, reason)
+        repo.fail(name, version, reason, configured=configured)
+        metrics.MODEL_READY.labels(model=name, version=version, backend=tc.BACKEND).set(0)
+
+    # --- polling ---------------------------------------------------------------------------------------
+
+    async def poll(self, repo: ModelRepository, interval_s: float) -> None:
+        """Rescan every ``interval_s`` seconds and apply what changed, until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sync(repo)
+            except Exception:  # noqa: BLE001 - one bad scan must not stop polling
+                log.exception("polling the model repository %s failed", self.root)
+
+    async def sync(self, repo: ModelRepository) -> None:
+        """Apply the changes on disk since the previous scan: new models and versions are loaded,
+        removed ones drained and unloaded, a failed model is retried when its files change."""
+        names = await asyncio.to_thread(self.names)
+        for name in sorted(set(self._seen) - set(names)):  # model directory removed
+            self._seen.pop(name)
+            if repo.models.get(name) or name in repo.failed:
+                log.info("model %s left the repository; unloading it", name)
+                await self._unload(repo, name, "")
+        for name in names:
+            found = await asyncio.to_thread(self.scan, name)
+            before = self._seen.get(name)
+            if before == found:
+                continue
+            self._seen[name] = found
+            loaded = set(repo.models.get(name, {}))
+            if found.error:
+                if loaded:  # Triton keeps serving what it has when a changed config does not load
+                    log.error("model %s: %s; still serving versions %s", name, found.error, sorted(loaded))
+                else:
+                    self._fail(repo, name, "", found.error, False)
+                continue
+            wanted = {str(v) for v in found.versions}
+            gone = sorted(loaded - wanted, key=int)
+            previous = set() if before is None else {str(v) for v in before.versions}
+            new = sorted(wanted - loaded if before is None or before.error else wanted - previous, key=int)
+            if name in repo.failed and not loaded:  # files changed since it failed: try again
+                new = sorted(wanted, key=int)
+            for version in new:
+                try:
+                    await repo.load(name, version)
+                    log.info("model %s version %s appeared in the repository; serving it", name, version)
+                except InferenceError as exc:
+                    log.error("model %s version %s did not load: %s", name, version, exc.message)
+            for version in gone:
+                log.info("model %s version %s left the repository; unloading it", name, version)
+                await self._unload(repo, name, version)
+            serving = repo.models.get(name, {})
+            if serving and repo.default_versions.get(name) != max(serving, key=int):
+                await repo.load(name, max(serving, key=int))  # the highest version is the default
+
+    async def _unload(self, repo: ModelRepository, name: str, version: str) -> None:
+        try:
+            await repo.unload(name, version, drain_seconds=self.config.drain_timeout_s)
+        except InferenceError as exc:  # already unloaded by an operator
+            log.info("model %s %s: %s", name, version or "", exc.message)
+
+
+def _versions(model_dir: Path) -> list[int]:
+    """Triton's version directories: positive integers without a leading 0."""
+    try:
+        entries = list(model_dir.iterdir())
+    except OSError:
+        return []
+    return sorted(
+        int(p.name) for p in entries if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
+    )
+
+
+def _stamp(path: Path) -> tuple | None:
+    """Size and modification time of a file, or of every file under a directory; None when absent."""
+    try:
+        if path.is_dir():
+            return tuple(
+                sorted((str(p.relative_to(path)), _stamp(p)) for p in path.rglob("*") if p.is_file())
+            )
+        st = path.stat()
+        return (st.st_size, st.st_mtime_ns)
+    except OSError:
+        return None
