@@ -19,7 +19,8 @@ Triton would reject as malformed is rejected here with protobuf's line and colum
 
 Auto-complete (Triton's ``--strict-model-config=false``, its default): a config without ``input`` or
 ``output`` gets them from the graph, and a config with neither and ``max_batch_size`` 0 whose graph has
-a dynamic first dimension everywhere gets Triton's ``default-max-batch-size`` 4 and dynamic batching.
+a dynamic first dimension everywhere (and no rank-1 tensor) gets Triton's ``default-max-batch-size`` 4
+and dynamic batching.
 ``optimization``, ``model_warmup``, ``parameters``, ``metric_tags``, ``response_cache`` and
 ``cc_model_filenames`` only tune Triton itself: they are ignored and the log says so. Everything else
 (ensembles, sequence batching, ragged or shape tensors, priorities, repository agents, decoupled
@@ -395,7 +396,8 @@ def complete_config(
 
 def _batchable(graph: Graph) -> bool:
     tensors = graph.inputs + graph.outputs
-    return bool(tensors) and all(t.shape and t.shape[0] == -1 for t in tensors)
+    # rank >= 2: a rank-1 tensor batched would leave a per-sample scalar, which a config can't say in dims
+    return bool(tensors) and all(len(t.shape) >= 2 and t.shape[0] == -1 for t in tensors)
 
 
 def _agree(tensor: Message, found: GraphTensor, where: str, batched: bool, model_file: str) -> None:

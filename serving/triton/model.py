@@ -71,6 +71,8 @@ class TritonModel(LoadedModel):
         outputs = await super().infer(fed, backend)
         served = {}
         for name, array in outputs.items():
+            if not self._batched:
+                array = array[0]  # the row added for the batcher
             if name in self._reshape_out:
                 array = array.reshape(((rows,) if self._batched else ()) + self._reshape_out[name])
             served[name] = array

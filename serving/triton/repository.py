@@ -13,8 +13,9 @@ Model control: at start-up every model is loaded (Triton's ``--model-control-mod
 load/unload routes load a version from the directory by name (Triton's explicit mode: the newest version
 the policy allows, or ``parameters.version``); with polling on (:meth:`TritonRepository.poll`, Triton's
 ``--model-control-mode=poll``) a new model or version directory is loaded and a removed one is drained
-and unloaded. Polling acts on what changed on disk since the previous scan, so a model an operator
-unloaded stays unloaded until its directory changes.
+and unloaded, and a model or version that failed is tried again once its files change. Polling acts
+when a model's directory changed since the previous scan, so a model an operator unloaded stays unloaded
+until its directory changes.
 """
 
 from __future__ import annotations
@@ -160,10 +161,9 @@ class TritonRepository:
                 continue
             wanted = {str(v) for v in found.versions}
             gone = sorted(loaded - wanted, key=int)
-            previous = set() if before is None else {str(v) for v in before.versions}
-            new = sorted(wanted - loaded if before is None or before.error else wanted - previous, key=int)
-            if name in repo.failed and not loaded:  # files changed since it failed: try again
-                new = sorted(wanted, key=int)
+            # What the policy serves and is not loaded: new versions, and ones that failed (a graph still
+            # being copied) now that their files changed.
+            new = sorted(wanted - loaded, key=int)
             for version in new:
                 try:
                     await repo.load(name, version)
