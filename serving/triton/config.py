@@ -171,7 +171,7 @@ def parse_config(text: str, directory: str) -> tuple[mc.ModelConfig, list[str]]:
             _only(tensor, allowed, where)
             if not tensor.name:
                 raise TritonConfigError(f"{where}.name is missing")
-            if names.count(tensor.name) > 1:
+            if tensor.name in names[:i]:
                 raise TritonConfigError(f"{where}.name: {kind} {tensor.name!r} is listed twice")
             _datatype(tensor.data_type, f"{where}.data_type")
             _check_dims(list(tensor.dims), f"{where}.dims")
@@ -404,7 +404,7 @@ def _agree(tensor: Message, found: GraphTensor, where: str, batched: bool, model
     datatype = _DATATYPES[mc.DataType.Name(tensor.data_type)]
     if datatype != found.datatype:
         raise TritonConfigError(
-            f"{where}: data_type {_config_type(datatype)} but {model_file} has {_config_type(found.datatype)}"
+            f"{where}: data_type {_type_name(datatype)} but {model_file} has {_type_name(found.datatype)}"
         )
     seen = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
     expected = ([-1] if batched else []) + seen
@@ -424,6 +424,10 @@ def _agree(tensor: Message, found: GraphTensor, where: str, batched: bool, model
                 f"{where}: dimension {axis} is {want} in {CONFIG_FILE} but {have} in {model_file} "
                 f"(config {expected}, graph {list(found.shape)})"
             )
+
+
+def _type_name(datatype: str) -> str:
+    return mc.DataType.Name(_config_type(datatype))
 
 
 def _config_type(datatype: str) -> int:

@@ -33,3 +33,31 @@ def test_bad_values_fail_at_startup_with_a_fix(monkeypatch, var, value, message)
     monkeypatch.setenv(var, value)
     with pytest.raises(ConfigError, match=message):
         ServeConfig.from_env()
+
+
+def test_a_model_repository_serves_alone_unless_models_are_named(monkeypatch, tmp_path):
+    monkeypatch.delenv("KILN_MODELS", raising=False)
+    monkeypatch.delenv("KILN_REPOSITORY_POLL_S", raising=False)
+    monkeypatch.setenv("KILN_MODEL_REPOSITORY", str(tmp_path))
+    cfg = ServeConfig.from_env()
+    assert cfg.models == () and cfg.model_repository == str(tmp_path.resolve()) and cfg.repository_poll_s == 0
+    monkeypatch.setenv("KILN_MODELS", "vit-soft")
+    monkeypatch.setenv("KILN_REPOSITORY_POLL_S", "2.5")
+    cfg = ServeConfig.from_env()
+    assert cfg.models == ("vit-soft",) and cfg.repository_poll_s == 2.5
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KILN_MODEL_REPOSITORY": "/no/such/repository"}, "not a directory"),
+        ({"KILN_REPOSITORY_POLL_S": "5"}, "needs a model repository"),
+        ({"KILN_REPOSITORY_POLL_S": "-1"}, ">= 0"),
+    ],
+)
+def test_bad_repository_settings_fail_at_startup(monkeypatch, env, message):
+    monkeypatch.delenv("KILN_MODEL_REPOSITORY", raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig.from_env()
