@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from serving import metrics
 from serving.config import ServeConfig
@@ -41,6 +42,8 @@ class _Scan:
     versions: tuple[int, ...]
     error: str
     stamp: tuple  # what changes when the config, labels or a served version's files change
+    present: tuple[int, ...] = ()
+    config: Any = field(default=None, compare=False)
 
 
 class TritonRepository:
@@ -76,7 +79,7 @@ class TritonRepository:
                 raise tc.TritonConfigError(f"version_policy serves none of the versions present {present}")
         except tc.TritonConfigError as exc:
             return _Scan((), str(exc), stamp)
-        return _Scan(tuple(wanted), "", stamp)
+        return _Scan(tuple(wanted), "", stamp, tuple(present), model_config)
 
     def load(self, tag: str) -> TritonModel:
         """Load ``NAME`` (the newest version the policy serves) or ``NAME:VERSION`` (blocking): the
@@ -160,16 +163,20 @@ class TritonRepository:
                     self._fail(repo, name, "", found.error, False)
                 continue
             wanted = {str(v) for v in found.versions}
-            gone = sorted(loaded - wanted, key=int)
             # What the policy serves and is not loaded: new versions, and ones that failed (a graph still
             # being copied) now that their files changed.
-            new = sorted(wanted - loaded, key=int)
-            for version in new:
+            failed = set()
+            for version in sorted(wanted - loaded, key=int):
                 try:
                     await repo.load(name, version)
                     log.info("model %s version %s appeared in the repository; serving it", name, version)
                 except InferenceError as exc:
                     log.error("model %s version %s did not load: %s", name, version, exc.message)
+                    failed.add(int(version))
+            if failed:  # the policy over the versions that load: a broken new one does not evict an old one
+                usable = [v for v in found.present if v not in failed]
+                wanted = {str(v) for v in tc.select_versions(found.config, usable)}
+            gone = sorted(set(repo.models.get(name, {})) - wanted, key=int)
             for version in gone:
                 log.info("model %s version %s left the repository; unloading it", name, version)
                 await self._unload(repo, name, version)
