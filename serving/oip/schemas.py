@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 Parameters = dict[str, bool | int | float | str]
 
@@ -42,12 +42,20 @@ class ModelMetadata(BaseModel):
 
 
 class ConfigTensor(BaseModel):
+    model_config = ConfigDict(extra="allow")  # reshape, format, label_filename of repository models
+
     name: str
     data_type: str = Field(description="Triton's model_config.proto type name, e.g. TYPE_FP32.")
     dims: list[int] = Field(description="Shape without the batch dimension for batched models.")
 
 
 class ModelConfig(BaseModel):
+    """A Triton repository model (``kiln serve --model-repository``) answers with its whole config.pbtxt
+    as Triton writes it in JSON: also ``version_policy``, ``dynamic_batching``, ``instance_group``, and
+    ``reshape`` / ``format`` / ``label_filename`` on its tensors."""
+
+    model_config = ConfigDict(extra="allow")
+
     name: str
     version: str
     platform: str
