@@ -14,7 +14,6 @@ and metrics as a built-in model. What Triton does around the graph happens at th
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -136,7 +135,6 @@ def load_version(model_dir: Path, version: int, config: ServeConfig) -> TritonMo
         "outputs": [_spec(s) for s in tc.tensor_specs(model_config, "output")],
         "labels": labels,
         "exports": {"onnx": {"file": model_file, "backend": tc.BACKEND}},
-        "loaded_at": time.time(),
     }
     art = Artifact(name, str(version), version_dir, manifest)
     # The config's scheduling is this model's settings; an operator's own (KILN_MODEL_CONFIG) still win.
