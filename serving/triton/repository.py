@@ -13,7 +13,8 @@ Model control: at start-up every model is loaded (Triton's ``--model-control-mod
 load/unload routes load a version from the directory by name (Triton's explicit mode: the newest version
 the policy allows, or ``parameters.version``); with polling on (:meth:`TritonRepository.poll`, Triton's
 ``--model-control-mode=poll``) a new model or version directory is loaded and a removed one is drained
-and unloaded, and a model or version that failed is tried again once its files change. Polling acts
+and unloaded, a served version whose graph, config or label file changed is reloaded, and a model or
+version that failed is tried again once its files change. Polling acts
 when a model's directory changed since the previous scan, so a model an operator unloaded stays unloaded
 until its directory changes.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,8 @@ class _Scan:
 
     versions: tuple[int, ...]
     error: str
-    stamp: tuple  # what changes when the config, labels or a served version's files change
+    shared: tuple  # what changes with config.pbtxt or the label file
+    files: tuple  # (version, what changes with its files) per version directory
     present: tuple[int, ...] = ()
     config: Any = field(default=None, compare=False)
 
@@ -64,11 +67,12 @@ class TritonRepository:
     def scan(self, name: str) -> _Scan:
         model_dir = self.root / name
         present = _versions(model_dir)
-        stamp = (_stamp(model_dir / tc.CONFIG_FILE), tuple((v, _stamp(model_dir / str(v))) for v in present))
+        shared = (_stamp(model_dir / tc.CONFIG_FILE),)
+        files = tuple((v, _stamp(model_dir / str(v))) for v in present)
         try:
             model_config, _ = read_config(model_dir)
             label = tc.labels_file(model_config)
-            stamp += (_stamp(model_dir / label) if label else None,)
+            shared += (_stamp(model_dir / label) if label else None,)
             if not present:
                 raise tc.TritonConfigError(
                     f"no version directory: put the graph in {model_dir}/1/"
@@ -78,8 +82,8 @@ class TritonRepository:
             if not wanted:
                 raise tc.TritonConfigError(f"version_policy serves none of the versions present {present}")
         except tc.TritonConfigError as exc:
-            return _Scan((), str(exc), stamp)
-        return _Scan(tuple(wanted), "", stamp, tuple(present), model_config)
+            return _Scan((), str(exc), shared, files)
+        return _Scan(tuple(wanted), "", shared, files, tuple(present), model_config)
 
     def load(self, tag: str) -> TritonModel:
         """Load ``NAME`` (the newest version the policy serves) or ``NAME:VERSION`` (blocking): the
@@ -166,6 +170,8 @@ class TritonRepository:
             # What the policy serves and is not loaded: new versions, and ones that failed (a graph still
             # being copied) now that their files changed.
             failed = set()
+            if before is not None:  # changed files of a served version: reload it
+                await self._reload_changed(repo, name, before, found, loaded & wanted)
             for version in sorted(wanted - loaded, key=int):
                 try:
                     await repo.load(name, version)
@@ -183,6 +189,35 @@ class TritonRepository:
             serving = repo.models.get(name, {})
             if serving and repo.default_versions.get(name) != max(serving, key=int):
                 await repo.load(name, max(serving, key=int))  # the highest version is the default
+
+    async def _reload_changed(
+        self, repo: ModelRepository, name: str, before: _Scan, found: _Scan, served: set[str]
+    ) -> None:
+        """Reload the served versions whose graph, config or labels changed (Triton's poll mode): a fresh
+        copy takes the requests, the old one drains and closes, so no request fails. A version whose new
+        files do not load keeps serving its old copy (Triton keeps the loaded model when a reload fails)."""
+        old_files, new_files = dict(before.files), dict(found.files)
+        for version in sorted(served, key=int):
+            if before.shared == found.shared and old_files.get(int(version)) == new_files.get(int(version)):
+                continue
+            try:
+                fresh = await asyncio.to_thread(self.load, f"{name}:{version}")
+            except Exception as exc:  # noqa: BLE001 - the served copy keeps serving
+                log.error(
+                    "model %s version %s changed but does not load (%s: %s); the served copy keeps serving",
+                    *(name, version, type(exc).__name__, exc),
+                )
+                continue
+            old = repo.models.get(name, {}).get(version)
+            repo.add(fresh, default=repo.default_versions.get(name) == version)
+            log.info("model %s version %s changed in the repository; reloaded it", name, version)
+            if old is not None:
+                deadline = time.monotonic() + self.config.drain_timeout_s
+                while old.in_flight and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                old.close()  # its ready gauge has the fresh copy's labels: set them again
+                for backend in fresh.backends:
+                    metrics.MODEL_READY.labels(model=name, version=version, backend=backend).set(1)
 
     async def _unload(self, repo: ModelRepository, name: str, version: str) -> None:
         try:

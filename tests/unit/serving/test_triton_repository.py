@@ -150,6 +150,24 @@ def test_a_failing_version_is_retried_once_its_files_change(served):
     asyncio.run(scenario())
 
 
+def test_polling_reloads_a_served_version_whose_files_changed(served):
+    root, repo, triton = served
+
+    async def scenario():
+        await triton.sync(repo)  # the first scan after start-up: nothing changed
+        newest = repo.get("scale", "3")
+        _graph(root / "scale" / "3" / "model.onnx", 30.0)
+        _graph(root / "scale" / "2" / "model.onnx", 20.0)
+        await triton.sync(repo)
+        assert await _y(repo) == 30.0 and await _y(repo, "2") == 20.0
+        assert repo.get("scale", "3") is not newest and not newest.ready()  # the old copy was closed
+        (root / "scale" / "config.pbtxt").write_text(CONFIG.replace("dims: [ 2 ] }", "dims: [ 3 ] }", 1))
+        await triton.sync(repo)  # a config the graph contradicts: the served copies keep serving
+        assert await _y(repo) == 30.0 and sorted(repo.models["scale"]) == ["2", "3"]
+
+    asyncio.run(scenario())
+
+
 def test_explicit_loads_by_name_and_version(served):
     _, repo, _ = served
 
