@@ -14,9 +14,8 @@ load/unload routes load a version from the directory by name (Triton's explicit 
 the policy allows, or ``parameters.version``); with polling on (:meth:`TritonRepository.poll`, Triton's
 ``--model-control-mode=poll``) a new model or version directory is loaded and a removed one is drained
 and unloaded, a served version whose graph, config or label file changed is reloaded, and a model or
-version that failed is tried again once its files change. Polling acts
-when a model's directory changed since the previous scan, so a model an operator unloaded stays unloaded
-until its directory changes.
+version that failed is tried again once its files change. Polling acts when a model's directory changed
+since the previous scan, so a model an operator unloaded stays unloaded until its directory changes.
 """
 
 from __future__ import annotations
@@ -167,11 +166,11 @@ class TritonRepository:
                     self._fail(repo, name, "", found.error, False)
                 continue
             wanted = {str(v) for v in found.versions}
+            if before is not None:  # changed files of a served version: reload it
+                await self._reload_changed(repo, name, before, found, loaded & wanted)
             # What the policy serves and is not loaded: new versions, and ones that failed (a graph still
             # being copied) now that their files changed.
             failed = set()
-            if before is not None:  # changed files of a served version: reload it
-                await self._reload_changed(repo, name, before, found, loaded & wanted)
             for version in sorted(wanted - loaded, key=int):
                 try:
                     await repo.load(name, version)
