@@ -82,11 +82,14 @@ def _connections_phase(admitted_p99: float, rejected_p99: float, errors: int) ->
             f"{name}_before_server_ms_p50": 1.0,
             f"{name}_before_server_ms_p99": 2.0,
         }
+    args = "--no-train --models vit-soft --max-queue-size 64 --workers"
     return {
-        "server_args": "--no-train --models vit-soft --max-queue-size 64",
         "connections": 2000,
-        "honours Retry-After": run,
-        "ignores Retry-After": run,
+        "runs": [
+            run | {"server_args": f"{args} 1", "workers": 1, "honor_retry_after": True},
+            run | {"server_args": f"{args} 1", "workers": 1, "honor_retry_after": False},
+            run | {"server_args": f"{args} 2", "workers": 2, "honor_retry_after": True},
+        ],
     }
 
 
