@@ -12,6 +12,13 @@ workers, each sending one single-image request (batch 1) at a time to ``/v2/mode
 Requests in the first ``--warmup`` seconds are not counted; then every worker stops at the deadline
 (``--duration`` seconds later), so a cell is bounded. Prints one JSON line: completed requests, errors,
 req/s over the measured window, p50/p99 latency.
+
+``--connections N`` instead opens N keep-alive HTTP/1.1 connections at once (``http-binary`` requests,
+raw asyncio protocols, so the client's own cost per request stays small) and keeps one request in flight
+on each: a connection answered 429 waits the answer's ``Retry-After`` before its next request (as the
+protocol asks; ``--ignore-retry-after`` retries at once, the worst case). It reports, by outcome, the
+latency the client saw and the server's own time from each answer's ``Server-Timing: edge;dur=`` header,
+and the client's event-loop lag (how late a 5 ms timer fires: what the client adds to a latency).
 """
 
 from __future__ import annotations
@@ -177,6 +184,217 @@ async def drive(
     }
 
 
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with one request in flight; answers are parsed just enough:
+    status, Content-Length, Retry-After and Server-Timing's ``edge;dur``."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.head: tuple[int, int, float | None, float] | None = None  # status, length, edge ms, retry s
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def request(self, raw: bytes) -> asyncio.Future:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.head is None:
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                lines = bytes(self.buffer[:end]).split(b"\r\n")
+                del self.buffer[: end + 4]
+                status, length, edge_ms, retry_s = int(lines[0].split(b" ", 2)[1]), 0, None, 0.0
+                for line in lines[1:]:
+                    name, _, value = line.partition(b":")
+                    name = name.strip().lower()
+                    if name == b"content-length":
+                        length = int(value)
+                    elif name == b"retry-after":
+                        retry_s = float(value)
+                    elif name == b"server-timing" and b"edge;dur=" in value:
+                        edge_ms = float(value.split(b"edge;dur=", 1)[1].split(b",", 1)[0])
+                self.head = (status, length, edge_ms, retry_s)
+            status, length, edge_ms, retry_s = self.head
+            if len(self.buffer) < length:
+                return
+            del self.buffer[:length]
+            self.head = None
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result((status, edge_ms, retry_s))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionResetError("the server closed the connection"))
+
+
+def _binary_infer_request(host: str, port: int, model: str, meta: dict[str, Any]) -> bytes:
+    """The raw bytes of one HTTP/1.1 binary-tensor infer request (keep-alive)."""
+    inp, out = meta["inputs"][0], meta["outputs"][0]
+    raw = _image(inp["shape"]).astype("<f4").tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": inp["name"],
+                    "shape": [1 if d < 0 else d for d in inp["shape"]],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": out["name"], "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    body = header + raw
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: application/octet-stream\r\n{_HEADER_LENGTH}: {len(header)}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def storm(
+    http: str,
+    model: str,
+    connections: int,
+    duration_s: float,
+    warmup_s: float,
+    honor_retry_after: bool = True,
+    timeout_s: float = 60.0,
+) -> dict[str, Any]:
+    """``connections`` keep-alive connections, one request in flight on each, for ``warmup_s +
+    duration_s``; statistics cover requests sent in the last ``duration_s`` and answered by its end."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as c:
+        meta = (await c.get(f"{http}/v2/models/{model}")).raise_for_status().json()
+    url = httpx.URL(http)
+    host, port = url.host, url.port or 80
+    raw = _binary_infer_request(host, port, model, meta)
+    loop = asyncio.get_running_loop()
+    t_begin = time.perf_counter()
+    t_measure, t_end = t_begin + warmup_s, t_begin + warmup_s + duration_s
+    outcomes: dict[str, list[tuple[float, float | None]]] = {}  # status -> (client s, server ms)
+    errors: dict[str, int] = {}
+    lags: list[float] = []
+    opened = 0
+
+    def error(kind: str, t0: float) -> None:
+        if t0 >= t_measure:
+            errors[kind] = errors.get(kind, 0) + 1
+
+    async def connection() -> None:
+        nonlocal opened
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            try:
+                transport, proto = await asyncio.wait_for(
+                    loop.create_connection(_Connection, host, port), timeout_s
+                )
+            except (OSError, asyncio.TimeoutError) as exc:
+                error(f"connect: {type(exc).__name__}", t0)
+                await asyncio.sleep(1.0)
+                continue
+            opened += 1
+            try:
+                while time.perf_counter() < t_end:
+                    t0 = time.perf_counter()
+                    try:
+                        status, edge_ms, retry_s = await asyncio.wait_for(proto.request(raw), timeout_s)
+                    except asyncio.TimeoutError:
+                        error("timeout", t0)
+                        break
+                    except OSError as exc:
+                        error(f"connection: {type(exc).__name__}", t0)
+                        break
+                    t1 = time.perf_counter()
+                    if t0 >= t_measure and t1 <= t_end:
+                        outcomes.setdefault(str(status), []).append((t1 - t0, edge_ms))
+                    if status == 429 and honor_retry_after and retry_s:
+                        await asyncio.sleep(retry_s)
+            finally:
+                transport.close()
+
+    async def lag_probe() -> None:
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.005)
+            if t0 >= t_measure:
+                lags.append(max(0.0, time.perf_counter() - t0 - 0.005))
+
+    await asyncio.gather(lag_probe(), *(connection() for _ in range(connections)))
+    return summarize_storm(
+        outcomes, errors, lags, connections, opened, duration_s, warmup_s, honor_retry_after
+    )
+
+
+def summarize_storm(
+    outcomes: dict[str, list[tuple[float, float | None]]],
+    errors: dict[str, int],
+    lags: list[float],
+    connections: int,
+    opened: int,
+    duration_s: float,
+    warmup_s: float,
+    honor_retry_after: bool,
+) -> dict[str, Any]:
+    """The storm's figures (milliseconds): per outcome the client's latency, the server's time and what
+    was neither — the wait before the server read the request (the listening socket's accept queue and
+    the connection's receive buffer while the worker's event loop was busy), less the client's lag."""
+
+    def ms(values: list[float], q: float) -> float | None:
+        return percentile(values, q) * 1e3 if values else None
+
+    lag_p50 = percentile(lags, 50) if lags else 0.0
+    out: dict[str, Any] = {
+        "connections": connections,
+        "connections_opened": opened,
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+        "honor_retry_after": honor_retry_after,
+        "status_counts": {k: len(v) for k, v in sorted(outcomes.items())},
+        "errors": dict(sorted(errors.items())),
+        "client_lag_ms_p50": ms(lags, 50),
+        "client_lag_ms_p99": ms(lags, 99),
+    }
+    for name, status in (("admitted", "200"), ("rejected", "429")):
+        rows = outcomes.get(status, [])
+        client = [c for c, _ in rows]
+        server = [e / 1e3 for _, e in rows if e is not None]
+        before = [max(0.0, c - e / 1e3 - lag_p50) for c, e in rows if e is not None]
+        out[f"{name}_per_s"] = len(rows) / duration_s
+        out[f"{name}_ms_p50"], out[f"{name}_ms_p99"] = ms(client, 50), ms(client, 99)
+        out[f"{name}_ms_max"] = max(client) * 1e3 if client else None
+        out[f"{name}_server_ms_p50"], out[f"{name}_server_ms_p99"] = ms(server, 50), ms(server, 99)
+        out[f"{name}_before_server_ms_p50"] = ms(before, 50)
+        out[f"{name}_before_server_ms_p99"] = ms(before, 99)
+    out["server_errors_5xx"] = sum(len(v) for k, v in outcomes.items() if k.startswith("5"))
+    out["connection_errors"] = sum(errors.values())
+    return out
+
+
+def raise_open_files(needed: int) -> None:
+    """Lift this process's open-file soft limit to cover ``needed`` sockets (up to the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 256
+    if soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            raise SystemExit(
+                f"{needed} connections need {want} open files; the hard limit is {hard} (ulimit -Hn)"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", choices=PROTOCOLS, required=True)
@@ -189,10 +407,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--channels", type=int, default=None, help="gRPC connections (default: one per 8 concurrent requests)"
     )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="open this many keep-alive connections, one request in flight on each (http-binary only)",
+    )
+    p.add_argument(
+        "--ignore-retry-after", action="store_true", help="with --connections: retry a 429 at once"
+    )
     a = p.parse_args(argv)
     for addr in (a.http, a.grpc):
         if addr and "127.0.0.1" not in addr and "localhost" not in addr:
             raise SystemExit(f"the load generator only drives loopback servers, got {addr!r}")
+    if a.connections:
+        if a.protocol != "http-binary":
+            raise SystemExit("--connections drives http-binary requests only")
+        raise_open_files(a.connections)
+        try:
+            import uvloop  # the client's own overhead per request is part of what is measured: keep it small
+        except ImportError:
+            uvloop = None
+        run = uvloop.run if uvloop else asyncio.run
+        result = run(storm(a.http, a.model, a.connections, a.duration, a.warmup, not a.ignore_retry_after))
+        print(json.dumps(result))
+        return
     print(
         json.dumps(
             asyncio.run(

@@ -1,4 +1,5 @@
-"""``kiln bench serving``: capacity, then overload at 4× capacity — admission control under load.
+"""``kiln bench serving``: capacity, overload at 4× capacity, and 2000 connections at once — admission
+control under load.
 
 1. Capacity: a real ``kiln serve --no-train`` (vit-soft, the default batching and queue bounds) driven by
    :mod:`benchmarks.load` (closed loop, HTTP binary tensors) at a concurrency that keeps batches full;
@@ -7,6 +8,17 @@
    for answers, as real traffic does not). Reported: admitted requests' latency (p50/p99/max), how many
    got 429 and how fast, 5xx and connection errors. The target: admitted latency stays bounded (by
    the queue-time bound plus a batch), the rest get 429 fast, zero 5xx.
+3. Connections: a second server with ``--max-queue-size 64`` (the edge's in-flight bound left at
+   ``auto``: the model's queue plus a batch) and 2000 keep-alive connections opened at once, one request in
+   flight on each (:func:`benchmarks.load.storm`), first honouring each 429's ``Retry-After``, then
+   retrying at once; then the same server with ``--workers 2`` and the honouring client. Reported:
+   admitted and rejected latency (p50/p99), counts of 429, 5xx and connection errors, and each latency
+   split into the server's own time (its ``Server-Timing: edge;dur`` header, from the outermost ASGI
+   layer to the response's headers), the client's overhead (its event loop's lag: how late a 5 ms timer
+   fires) and the rest — the time the request waited before the server read it (the listening socket's
+   accept queue and the connection's receive buffer while the worker's event loop was busy): ``client
+   latency − server time − client lag p50``. Targets (issue 16): admitted p99 < 5 s, rejected p99 < 1 s,
+   zero 5xx.
 
 Writes ``benchmarks/results/serving.json`` and the ``<!-- bench:serving -->`` section of BENCHMARKS.md.
 """
@@ -26,6 +38,7 @@ import httpx
 import numpy as np
 
 from benchmarks._server import metric_total, start_server, stop_server
+from benchmarks.load import raise_open_files
 from benchmarks.report import (
     fmt,
     machine_info,
@@ -41,6 +54,11 @@ MODEL = "vit-soft"
 OVERLOAD_FACTOR = 4
 # The edge bound tuned for a 2-core machine (two default batches in progress); the rest are defaults.
 SERVER_ARGS = ("--no-train", "--models", MODEL, "--max-in-flight", "64")
+# Phase 3: a 64-request queue and every other setting at its default (the edge bound is then 64 + 32).
+CONNECTIONS_SERVER_ARGS = ("--no-train", "--models", MODEL, "--max-queue-size", "64")
+CONNECTIONS = 2000
+ADMITTED_P99_TARGET_MS = 5000.0
+REJECTED_P99_TARGET_MS = 1000.0
 
 
 class BenchmarkError(RuntimeError):
@@ -214,8 +232,48 @@ def run(quick: bool = False, output: str = "BENCHMARKS.md", command: str = "kiln
             print(json.dumps(results["overload"]))
         finally:
             stop_server(server.process)
+        results["connections"] = connections_phase(Path(logs), quick)
     results["wall_seconds"] = time.perf_counter() - t_start
     return write_results(results, "serving", output, quick, RESULTS, _markdown)
+
+
+def connections_phase(logs: Path, quick: bool) -> dict[str, Any]:
+    """Phase 3: ``CONNECTIONS`` connections at once against a 64-request queue (see the module docstring):
+    one HTTP worker with a client that honours Retry-After (the targets), then one that ignores it, then
+    two workers (``--workers 2``) with the honouring client."""
+    from kiln.settings import kiln_home
+
+    connections = 400 if quick else CONNECTIONS
+    duration, warmup = (4.0, 2.0) if quick else (15.0, 5.0)
+    out: dict[str, Any] = {"connections": connections, "runs": []}
+    raise_open_files(connections)  # the server inherits it: one socket per connection on both sides
+    for workers, modes in ((1, (True, False)), (2, (True,))):
+        args = (*CONNECTIONS_SERVER_ARGS, "--workers", str(workers))
+        server = start_server(kiln_home(), *args, log_dir=logs, timeout=300)
+        try:
+            for honour in modes:
+                cmd = [sys.executable, "-m", "benchmarks.load", "--protocol", "http-binary"]
+                cmd += ["--http", server.http, "--model", MODEL, "--connections", str(connections)]
+                cmd += ["--duration", str(duration), "--warmup", str(warmup)]
+                cmd += [] if honour else ["--ignore-retry-after"]
+                before = httpx.get(f"{server.http}/metrics", timeout=30).text
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 180)
+                if proc.returncode != 0:
+                    raise BenchmarkError(f"connection load failed:\n{proc.stderr[-2000:]}")
+                run = json.loads(proc.stdout.splitlines()[-1])
+                after = httpx.get(f"{server.http}/metrics", timeout=30).text
+                run["server_rejections"] = {
+                    reason: metric_total(after, "kiln_inference_rejected_total", reason=reason)
+                    - metric_total(before, "kiln_inference_rejected_total", reason=reason)
+                    for reason in ("queue_full", "queue_delay", "server_in_flight")
+                }
+                run |= {"server_args": " ".join(args), "workers": workers}
+                out["runs"].append(run)
+                print(f"{connections} connections, {workers} worker(s), Retry-After honoured {honour}: {run}")
+                time.sleep(2.0)  # the last answers drain before the next run
+        finally:
+            stop_server(server.process)
+    return out
 
 
 def _markdown(results: dict[str, Any], json_path: Path) -> str:
@@ -292,13 +350,100 @@ def _markdown(results: dict[str, Any], json_path: Path) -> str:
         f"{_seconds(ov.get('server_request_s_p99'))}, batcher queue p99 ≤ "
         f"{_seconds(ov.get('server_queue_s_p99'))}; "
         f"server-side rejections by reason: {ov.get('server_rejections', {})}. The gap between these and "
-        "the client's latency is time spent before the server's first middleware — in the kernel's accept "
-        "queue while the event loop is saturated, and in the client process on the same cores — which no "
-        "in-process admission control can shed.",
+        "the client's latency is time spent before the server's first layer — in the kernel's accept "
+        "queue while the event loop is saturated, and in the client process on the same cores; the "
+        "connections phase below splits it per request.",
         "",
         *target_lines(targets),
     ]
+    if "connections" in results:
+        lines += ["", *_connections_markdown(results["connections"])]
     return "\n".join(lines)
+
+
+def _connections_markdown(phase: dict[str, Any]) -> list[str]:
+    runs = phase["runs"]
+    rows = []
+    for r in runs:
+        client = "honours Retry-After" if r["honor_retry_after"] else "ignores Retry-After"
+        for name, status in (("admitted", "200"), ("rejected", "429")):
+            rows.append(
+                [
+                    r["workers"],
+                    client,
+                    f"{name} ({status})",
+                    r["status_counts"].get(status, 0),
+                    fmt(r[f"{name}_per_s"]),
+                    fmt(r[f"{name}_ms_p50"]),
+                    fmt(r[f"{name}_ms_p99"]),
+                    f"{fmt(r[f'{name}_server_ms_p50'], 2)} / {fmt(r[f'{name}_server_ms_p99'], 2)}",
+                    f"{fmt(r[f'{name}_before_server_ms_p50'])} / {fmt(r[f'{name}_before_server_ms_p99'])}",
+                ]
+            )
+    targets = []
+    if runs:
+        first = runs[0]  # the default server (one worker) and a client that honours Retry-After
+        admitted, rejected = first["admitted_ms_p99"], first["rejected_ms_p99"]
+        errors_5xx, errors_conn = first["server_errors_5xx"], first["connection_errors"]
+        targets = [
+            {
+                "target": f"admitted p99 < {ADMITTED_P99_TARGET_MS:.0f} ms",
+                "measured": f"{fmt(admitted)} ms",
+                "met": None if admitted is None else admitted < ADMITTED_P99_TARGET_MS,
+                "reason": "",
+            },
+            {
+                "target": f"rejected get 429 within {REJECTED_P99_TARGET_MS:.0f} ms (p99)",
+                "measured": f"{first['status_counts'].get('429', 0)} × 429, p99 {fmt(rejected)} ms",
+                "met": None if rejected is None else rejected < REJECTED_P99_TARGET_MS,
+                "reason": "",
+            },
+            {
+                "target": "zero 5xx and no connection errors",
+                "measured": f"{errors_5xx} × 5xx, {errors_conn} connection errors",
+                "met": errors_5xx == 0 and errors_conn == 0,
+                "reason": "",
+            },
+        ]
+    details = "; ".join(
+        f"{r['workers']} worker(s), Retry-After {'honoured' if r['honor_retry_after'] else 'ignored'}: "
+        f"errors {r['errors'] or 'none'}, client lag p50/p99 {fmt(r['client_lag_ms_p50'])} / "
+        f"{fmt(r['client_lag_ms_p99'])} ms, server-side rejections {r['server_rejections']}"
+        for r in runs
+    )
+    server_args = runs[0]["server_args"].rsplit(" --workers", 1)[0] if runs else ""
+    return [
+        f"### {phase['connections']} connections at once",
+        "",
+        f"Server: {server_args} (the edge's in-flight bound at `auto`: the queue plus a batch), one worker, "
+        f"then `--workers 2`. {phase['connections']} keep-alive connections opened at once, one HTTP "
+        "binary-tensor request in flight on each. Server time: the answer's `Server-Timing: edge;dur` "
+        "(outermost ASGI layer to the response's headers). Before the server: client latency − server time "
+        "− the client's event-loop lag p50 — time in the listening socket's accept queue and the "
+        "connection's receive buffer while the worker's event loop was busy. A 429 from a model's queue "
+        "(after the body was read) counts with the edge's.",
+        "",
+        markdown_table(
+            [
+                "workers",
+                "client",
+                "outcome",
+                "count",
+                "per s",
+                "p50 ms",
+                "p99 ms",
+                "server p50 / p99 ms",
+                "before the server p50 / p99 ms",
+            ],
+            rows,
+        ),
+        "",
+        details + ".",
+        "",
+        "Targets (one worker, a client that honours Retry-After):",
+        "",
+        *target_lines(targets),
+    ]
 
 
 def _seconds(value: float | None) -> str:

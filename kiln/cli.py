@@ -190,14 +190,15 @@ def serve(
         ),
     ] = 1000.0,
     max_in_flight: Annotated[
-        int,
+        str,
         typer.Option(
             envvar="KILN_MAX_IN_FLIGHT",
-            min=0,
             help="Admission control at the edge: most requests in progress per worker (HTTP + gRPC); more "
-            "get 429 / RESOURCE_EXHAUSTED before their body is read. 0 = no bound.",
+            "get 429 with Retry-After / RESOURCE_EXHAUSTED before their body is read or any other "
+            "middleware runs. 'auto': what the models hold (each one's queue plus its batches in "
+            "computation, summed, at most 512); 0 = no bound.",
         ),
-    ] = 512,
+    ] = "auto",
     drain_timeout_s: Annotated[
         float,
         typer.Option(
@@ -281,7 +282,7 @@ def serve(
         "KILN_MAX_QUEUE_SIZE": str(max_queue_size),
         "KILN_MAX_QUEUE_DELAY_MS": str(max_queue_delay_ms),
         "KILN_DRAIN_TIMEOUT_S": str(drain_timeout_s),
-        "KILN_MAX_IN_FLIGHT": str(max_in_flight),
+        "KILN_MAX_IN_FLIGHT": max_in_flight,
         "KILN_WORKERS": str(workers),
         "KILN_GENERATION_BATCHING": generation_batching,
         "KILN_LOG_LEVEL": log_level,

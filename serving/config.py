@@ -123,6 +123,20 @@ def load_model_settings(path: str | None, inline: str | None) -> dict[str, dict[
     return merged
 
 
+# The edge in-flight bound's ceiling when derived from the models (two default model queues' worth).
+MAX_IN_FLIGHT_AUTO = 512
+
+
+def _max_in_flight() -> int | None:
+    """KILN_MAX_IN_FLIGHT: unset or ``auto`` → None (derived from the models), else an integer >= 0."""
+    if os.environ.get("KILN_MAX_IN_FLIGHT", "").strip().lower() in ("", "auto"):
+        return None
+    try:
+        return _number("KILN_MAX_IN_FLIGHT", None, 0)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (an integer >= 0, or 'auto')") from None
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     models: tuple[str, ...]  # model-store names (latest version) or name:version tags
@@ -144,12 +158,30 @@ class ServeConfig:
     # SIGTERM: longest the server waits for accepted requests before it exits anyway.
     drain_timeout_s: float = 30.0
     # Requests in progress per worker (HTTP + gRPC) before the edge answers 429 without reading the body;
-    # 0 = no bound. 512 = two default model queues' worth.
-    max_in_flight: int = 512
+    # 0 = no bound, None = what the served models hold (see edge_bound).
+    max_in_flight: int | None = None
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> overrides
     # A Triton model repository served beside the model-store models (serving.triton); "" = none.
     model_repository: str = ""
     repository_poll_s: float = 0.0  # rescan the repository this often (Triton's poll mode); 0 = never
+
+    def edge_bound(self) -> int:
+        """The in-flight bound of each worker's edge: ``max_in_flight`` when set (0 = none), else what the
+        served models can hold at once — each one's queue plus the batches it computes
+        (``max_queue_size + batch_max_size × instances``), summed, at most :data:`MAX_IN_FLIGHT_AUTO`.
+
+        A request past that would only be refused by its model's queue after its body was read and
+        decoded; refused at the edge it costs the event loop next to nothing.
+        """
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        if self.model_repository:  # its models are found at run time (polling adds more): the cap
+            return MAX_IN_FLIGHT_AUTO
+        held = 0
+        for tag in self.models:
+            s = self.settings_for(tag.partition(":")[0])
+            held += s.max_queue_size + s.batch_max_size * s.instances
+        return min(held, MAX_IN_FLIGHT_AUTO)
 
     def settings_for(self, model: str) -> ModelSettings:
         """The settings of ``model`` (a model-store name): the global ones with its overrides."""
@@ -209,7 +241,7 @@ class ServeConfig:
             max_queue_size=_number("KILN_MAX_QUEUE_SIZE", 256, 1),
             max_queue_delay_ms=_number("KILN_MAX_QUEUE_DELAY_MS", 1000.0, 0.0, float),
             drain_timeout_s=_number("KILN_DRAIN_TIMEOUT_S", 30.0, 0.0, float),
-            max_in_flight=_number("KILN_MAX_IN_FLIGHT", 512, 0),
+            max_in_flight=_max_in_flight(),
             model_settings=load_model_settings(
                 os.environ.get("KILN_MODEL_CONFIG"), os.environ.get("KILN_MODEL_SETTINGS")
             ),

@@ -17,7 +17,14 @@ import serving  # noqa: F401  (configures the model store before bentoml is impo
 from kiln.artifacts import get_artifact
 from serving import metrics
 from serving.admin import admin_token
-from serving.admission import Drain, DrainInterceptor, RequestLifecycleMiddleware, install_sigterm_drain
+from serving.admission import (
+    Drain,
+    DrainInterceptor,
+    EdgeGate,
+    RequestLifecycleMiddleware,
+    install_sigterm_drain,
+    outermost,
+)
 from serving.agent.mcp import create_mcp_app
 from serving.config import ServeConfig
 from serving.limits import BodyLimitMiddleware
@@ -37,7 +44,7 @@ for _name in ("kiln", "serving"):  # Kiln's loggers: kiln.* and the protocol fro
 REPOSITORY = ModelRepository()
 # SIGTERM: not ready at once, new requests refused, accepted ones finish; the edge in-flight bound
 # (serving.admission).
-DRAIN = Drain(CONFIG.max_in_flight)
+DRAIN = Drain(CONFIG.edge_bound())
 TRITON = TritonRepository(CONFIG.model_repository, CONFIG) if CONFIG.model_repository else None
 
 
@@ -115,8 +122,9 @@ class Kiln:
 
 
 Kiln.add_asgi_middleware(BodyLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
-Kiln.add_asgi_middleware(RequestLifecycleMiddleware, drain=DRAIN)
+Kiln.add_asgi_middleware(RequestLifecycleMiddleware)
 Kiln.add_asgi_middleware(InferFastPath, oip=OIP_APP, prefix="/v2")  # POST /v2/.../infer past the routers
 Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/v2")  # GET /v2 answers, not 307 → /v2/
 Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/mcp")  # MCP clients POST to /mcp itself
 Kiln.add_asgi_middleware(OpenAPIVersionMiddleware)  # /docs.json says which OpenAPI its schemas are
+outermost(Kiln, EdgeGate, drain=DRAIN)  # drain refusal and the in-flight bound before BentoML's middlewares

@@ -54,6 +54,7 @@ def test_models_delete_asks_then_deletes(artifact):
         (["export", "no-such-model"], "no model 'no-such-model'"),
         (["models", "show", "no-such-model"], "no model 'no-such-model'"),
         (["serve", "--backend", "tensorflow", "--no-train"], "KILN_BACKEND='tensorflow'"),
+        (["serve", "--max-in-flight", "lots", "--no-train"], "KILN_MAX_IN_FLIGHT='lots' is not an integer"),
         (["bench", "resnet"], "unknown benchmark suite"),
     ],
 )

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from serving import metrics
-from serving.admission import Drain, RequestLifecycleMiddleware
+from serving.admission import Drain, EdgeGate, RequestLifecycleMiddleware, outermost
 from serving.batching import (
     AdaptiveBatcher,
     DeadlineExceeded,
@@ -261,7 +261,7 @@ def test_middleware_cancels_the_request_when_the_client_disconnects():
             raise
 
     drain = Drain()
-    middleware = RequestLifecycleMiddleware(app, drain)
+    middleware = EdgeGate(RequestLifecycleMiddleware(app), drain)  # as the service stacks them
 
     async def scenario():
         messages = asyncio.Queue()
@@ -290,7 +290,7 @@ def test_middleware_refuses_new_requests_while_draining_but_answers_health():
 
     drain = Drain()
     drain.begin()
-    middleware = RequestLifecycleMiddleware(app, drain)
+    middleware = EdgeGate(app, drain)
 
     async def call(path):
         sent = []
@@ -319,7 +319,7 @@ def test_edge_bound_refuses_past_max_in_flight_before_reading_the_body():
         await send({"type": "http.response.body", "body": b"ok"})
 
     drain = Drain(max_in_flight=2)
-    middleware = RequestLifecycleMiddleware(app, drain)
+    middleware = EdgeGate(app, drain)
 
     async def call():
         sent = []
@@ -367,3 +367,158 @@ def test_kiln_serve_stops_at_a_bad_model_config_with_the_fix(tmp_path):
         os.environ.update(saved)
     assert result.exit_code == 1
     assert "vit-soft" in result.output and "instances=0 must be >= 1" in result.output
+
+
+def _call(app, path: str = "/v2/models/m/infer", scope_type: str = "http"):
+    """Run one request through ``app``; returns (sent messages, how many times the body was read)."""
+    sent: list[dict] = []
+    reads = 0
+
+    async def receive():
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app({"type": scope_type, "path": path}, receive, send))
+    return sent, reads
+
+
+def _ok_app(calls: list):
+    async def app(scope, receive, send):
+        calls.append(scope["path"])
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+def test_edge_gate_refusal_is_a_json_429_with_retry_after_and_never_reaches_the_app():
+    calls: list[str] = []
+    drain = Drain(max_in_flight=1)
+    drain.in_flight = 1  # one request already in progress in this worker
+    before = metrics.REJECTED.labels(
+        model=metrics.UNKNOWN_MODEL, version="", backend="", reason="server_in_flight"
+    )._value.get()
+    sent, reads = _call(EdgeGate(_ok_app(calls), drain))
+    start, body = sent
+    headers = dict(start["headers"])
+    assert start["status"] == 429 and headers[b"retry-after"] == b"1"
+    assert headers[b"content-type"] == b"application/json"
+    assert int(headers[b"content-length"]) == len(body["body"])
+    assert "max_in_flight 1" in json.loads(body["body"])["error"]
+    assert headers[b"server-timing"].startswith(b"edge;dur=")
+    assert calls == [] and reads == 0 and drain.in_flight == 1  # nothing below the gate ran
+    after = metrics.REJECTED.labels(
+        model=metrics.UNKNOWN_MODEL, version="", backend="", reason="server_in_flight"
+    )._value.get()
+    assert after == before + 1
+
+
+def test_edge_gate_counts_admitted_requests_and_stamps_server_timing():
+    seen: list[int] = []
+    drain = Drain(max_in_flight=1)
+
+    async def app(scope, receive, send):
+        seen.append(drain.in_flight)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent, _ = _call(EdgeGate(app, drain))
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 200 and headers[b"x-app"] == b"1"
+    assert float(headers[b"server-timing"].split(b"edge;dur=")[1]) >= 0
+    assert seen == [1] and drain.in_flight == 0
+
+
+def test_edge_gate_lets_health_metrics_and_non_http_through_when_full_or_draining():
+    calls: list[str] = []
+    drain = Drain(max_in_flight=1)
+    drain.in_flight = 5
+    gate = EdgeGate(_ok_app(calls), drain)
+    assert _call(gate, "/metrics")[0][0]["status"] == 200
+    drain.begin()
+    assert _call(gate, "/v2/health/ready")[0][0]["status"] == 200
+    assert _call(gate, "/v2/models/m/infer")[0][0]["status"] == 503
+    assert calls == ["/metrics", "/v2/health/ready"]
+
+    async def lifespan(scope, receive, send):
+        calls.append(scope["type"])
+
+    _call(EdgeGate(lifespan, drain), "", scope_type="lifespan")
+    assert calls[-1] == "lifespan"
+
+
+def test_edge_gate_releases_its_slot_when_the_app_raises():
+    drain = Drain(max_in_flight=1)
+
+    async def failing(scope, receive, send):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        _call(EdgeGate(failing, drain))
+    assert drain.in_flight == 0
+    assert _call(EdgeGate(_ok_app([]), drain))[0][0]["status"] == 200
+
+
+def test_outermost_puts_the_gate_outside_bentomls_own_middlewares():
+    """A real BentoML service: its app (with BentoML's metrics, tracing, access log and timeout
+    middlewares) is what the gate wraps; a refusal never reaches it, an admitted request does."""
+    import bentoml
+    from starlette.testclient import TestClient
+
+    @bentoml.service(name="edge-gate-unit")
+    class Plain:
+        @bentoml.api
+        def echo(self, text: str) -> str:
+            return text
+
+    drain = Drain(max_in_flight=1)
+    outermost(Plain, EdgeGate, drain=drain)
+    app = Plain.to_asgi()
+    assert isinstance(app, EdgeGate) and type(Plain).__name__ == "Service"
+    inner_types = []
+    stack = app.app
+    while stack is not None and len(inner_types) < 50:  # BentoML's Starlette app, built on first call
+        inner_types.append(type(stack).__name__)
+        stack = getattr(stack, "app", None)
+
+    with TestClient(app) as client:  # runs the lifespan (through the gate) that creates the service
+        ok = client.post("/echo", json={"text": "hi"})
+        drain.in_flight = 1
+        refused = client.post("/echo", json={"text": "hi"})
+        drain.in_flight = 0
+    assert inner_types[0] == "Starlette"
+    assert ok.status_code == 200 and ok.text == "hi" and "edge;dur=" in ok.headers["server-timing"]
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert "max_in_flight" in refused.json()["error"]
+
+
+def test_edge_bound_defaults_to_what_the_models_hold(monkeypatch):
+    for name in ("KILN_MAX_IN_FLIGHT", "KILN_MODEL_SETTINGS", "KILN_MODEL_CONFIG", "KILN_BATCH_MAX_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KILN_MODELS", "vit-soft")
+    monkeypatch.setenv("KILN_MAX_QUEUE_SIZE", "64")
+    assert ServeConfig.from_env().edge_bound() == 64 + 32  # the queue plus one batch in computation
+    monkeypatch.setenv("KILN_MODELS", "vit-soft,vit-softmax:v1")
+    monkeypatch.setenv(
+        "KILN_MODEL_SETTINGS", json.dumps({"vit-softmax": {"max_queue_size": 8, "instances": 2}})
+    )
+    assert ServeConfig.from_env().edge_bound() == (64 + 32) + (8 + 2 * 32)
+    monkeypatch.setenv("KILN_MAX_QUEUE_SIZE", "1000")  # many or deep queues: at most 512
+    assert ServeConfig.from_env().edge_bound() == 512
+    monkeypatch.setenv("KILN_MAX_IN_FLIGHT", "auto")
+    assert ServeConfig.from_env().edge_bound() == 512
+    monkeypatch.setenv("KILN_MAX_IN_FLIGHT", "7")
+    assert ServeConfig.from_env().edge_bound() == 7
+    monkeypatch.setenv("KILN_MAX_IN_FLIGHT", "0")  # no bound
+    assert ServeConfig.from_env().edge_bound() == 0
+    monkeypatch.setenv("KILN_MAX_IN_FLIGHT", "many")
+    with pytest.raises(ConfigError, match=r"KILN_MAX_IN_FLIGHT='many' is not an integer.*'auto'"):
+        ServeConfig.from_env()
+    monkeypatch.setenv("KILN_MAX_IN_FLIGHT", "-1")
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        ServeConfig.from_env()
