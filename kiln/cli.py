@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from serving.config import DEFAULT_MODELS
+from serving.config import SETTING_BY_FLAG, SETTINGS
 
 app = typer.Typer(
     help="Kiln: train research models on bundled data, export them to ONNX / int8 / TensorRT, and serve "
@@ -20,6 +20,22 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List, inspect and delete artifacts in the model store.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+
+
+def _option(flags: str, **kwargs):
+    """A ``kiln serve`` option from its entry in serving.config.SETTINGS (variable, help, shown default)."""
+    setting = SETTING_BY_FLAG[flags.split("/")[0]]
+    show = {"show_default": setting.shown} if setting.shown is not None else {}
+    return typer.Option(*flags.split("/"), envvar=setting.env, help=setting.help, **show, **kwargs)
+
+
+def _default(flag: str):
+    return SETTING_BY_FLAG[flag].default
+
+
+_ENV_ONLY_EPILOG = "Settings read from the environment only:\n\n" + "\n\n".join(
+    f"{s.env} (default: {s.default_text}) — {s.help}" for s in SETTINGS if s.flag is None
+)
 
 
 def _fail(message: str) -> None:
@@ -125,118 +141,32 @@ def export_cmd(
     _export(model, formats, max_loss)
 
 
-@app.command()
+@app.command(epilog=_ENV_ONLY_EPILOG)
 def serve(
-    models: Annotated[
-        str, typer.Option(envvar="KILN_MODELS", help="Comma-separated model names or NAME:VERSION tags.")
-    ] = DEFAULT_MODELS,
-    backend: Annotated[
-        str,
-        typer.Option(
-            envvar="KILN_BACKEND",
-            help="Default runtime: onnxruntime, onnxruntime-int8, pytorch, tensorrt-fp16, tensorrt-int8.",
-        ),
-    ] = "onnxruntime",
-    host: Annotated[
-        str, typer.Option(envvar="KILN_HOST", help="Address to bind HTTP and gRPC to.")
-    ] = "0.0.0.0",
-    http_port: Annotated[
-        int, typer.Option(envvar="KILN_HTTP_PORT", help="HTTP port (task endpoints, /v2, /metrics).")
-    ] = 3000,
-    grpc_port: Annotated[
-        int, typer.Option(envvar="KILN_GRPC_PORT", help="gRPC Open Inference Protocol port; 0 disables it.")
-    ] = 8001,
-    batch_max_size: Annotated[
-        int,
-        typer.Option(
-            envvar="KILN_BATCH_MAX_SIZE", min=1, help="Adaptive batching: max samples per batch; 1 = off."
-        ),
-    ] = 32,
-    batch_window_ms: Annotated[
-        float,
-        typer.Option(
-            envvar="KILN_BATCH_WINDOW_MS", min=0, help="Adaptive batching: max wait for a batch to fill."
-        ),
-    ] = 2.0,
-    max_request_bytes: Annotated[
-        int,
-        typer.Option(
-            envvar="KILN_MAX_REQUEST_BYTES",
-            min=1024,
-            help="Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED.",
-        ),
-    ] = 8 * 1024 * 1024,
-    max_queue_size: Annotated[
-        int,
-        typer.Option(
-            envvar="KILN_MAX_QUEUE_SIZE",
-            min=1,
-            help="Admission control: most requests waiting per model and backend; more get HTTP 429 with "
-            "Retry-After / gRPC RESOURCE_EXHAUSTED at once (Triton's max_queue_size).",
-        ),
-    ] = 256,
-    max_queue_delay_ms: Annotated[
-        float,
-        typer.Option(
-            envvar="KILN_MAX_QUEUE_DELAY_MS",
-            min=0,
-            help="Admission control: longest a request may wait in a model's queue (estimated when it "
-            "arrives, enforced when its batch forms); past it, 429 / RESOURCE_EXHAUSTED. 0 = no bound.",
-        ),
-    ] = 1000.0,
-    max_in_flight: Annotated[
-        int,
-        typer.Option(
-            envvar="KILN_MAX_IN_FLIGHT",
-            min=0,
-            help="Admission control at the edge: most requests in progress per worker (HTTP + gRPC); more "
-            "get 429 / RESOURCE_EXHAUSTED before their body is read. 0 = no bound.",
-        ),
-    ] = 512,
-    drain_timeout_s: Annotated[
-        float,
-        typer.Option(
-            envvar="KILN_DRAIN_TIMEOUT_S",
-            min=0,
-            help="SIGTERM: longest wait for accepted requests to finish (the server is not ready and "
-            "refuses new requests meanwhile) before it exits anyway.",
-        ),
-    ] = 30.0,
-    model_config: Annotated[
-        str | None,
-        typer.Option(
-            envvar="KILN_MODEL_CONFIG",
-            help="YAML or JSON file of per-model settings (backend, batch_max_size, batch_window_ms, "
-            "max_queue_size, max_queue_delay_ms, instances) by model name; the flags above are the "
-            "defaults. KILN_MODEL_SETTINGS takes the same mapping as inline JSON.",
-        ),
-    ] = None,
-    workers: Annotated[int, typer.Option(envvar="KILN_WORKERS", min=1, help="Server worker processes.")] = 1,
-    generation_batching: Annotated[
-        str,
-        typer.Option(
-            envvar="KILN_GENERATION_BATCHING",
-            help="Diffusion sampling: 'step' (concurrent /generate requests share denoiser batches step by "
-            "step) or 'request' (one request's sampling loop at a time).",
-        ),
-    ] = "step",
-    log_level: Annotated[
-        str, typer.Option(envvar="KILN_LOG_LEVEL", help="Kiln's log level: DEBUG, INFO, WARNING, ERROR.")
-    ] = "INFO",
-    train_missing: Annotated[
-        bool, typer.Option("--train/--no-train", help="Train and export default models the store lacks.")
-    ] = True,
-    train_epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs for models trained here (default: the recipe's).")
-    ] = None,
-    prepare_jobs: Annotated[
-        int | None,
-        typer.Option(
-            envvar="KILN_PREPARE_JOBS",
-            min=1,
-            help="Missing models trained/exported at once, each in its own process (default: one per core).",
-        ),
-    ] = None,
+    models: Annotated[str, _option("--models")] = _default("--models"),
+    backend: Annotated[str, _option("--backend")] = _default("--backend"),
+    host: Annotated[str, _option("--host")] = _default("--host"),
+    http_port: Annotated[int, _option("--http-port")] = _default("--http-port"),
+    grpc_port: Annotated[int, _option("--grpc-port")] = _default("--grpc-port"),
+    batch_max_size: Annotated[int, _option("--batch-max-size", min=1)] = _default("--batch-max-size"),
+    batch_window_ms: Annotated[float, _option("--batch-window-ms", min=0)] = _default("--batch-window-ms"),
+    max_request_bytes: Annotated[int, _option("--max-request-bytes", min=1024)] = _default(
+        "--max-request-bytes"
+    ),
+    max_queue_size: Annotated[int, _option("--max-queue-size", min=1)] = _default("--max-queue-size"),
+    max_queue_delay_ms: Annotated[float, _option("--max-queue-delay-ms", min=0)] = _default(
+        "--max-queue-delay-ms"
+    ),
+    max_in_flight: Annotated[int, _option("--max-in-flight", min=0)] = _default("--max-in-flight"),
+    drain_timeout_s: Annotated[float, _option("--drain-timeout-s", min=0)] = _default("--drain-timeout-s"),
+    model_config: Annotated[str | None, _option("--model-config")] = _default("--model-config"),
+    workers: Annotated[int, _option("--workers", min=1)] = _default("--workers"),
+    threads: Annotated[int | None, _option("--threads", min=1)] = _default("--threads"),
+    generation_batching: Annotated[str, _option("--generation-batching")] = _default("--generation-batching"),
+    log_level: Annotated[str, _option("--log-level")] = _default("--log-level"),
+    train_missing: Annotated[bool, _option("--train/--no-train")] = _default("--train"),
+    train_epochs: Annotated[int | None, _option("--train-epochs", min=1)] = _default("--train-epochs"),
+    prepare_jobs: Annotated[int | None, _option("--prepare-jobs", min=1)] = _default("--prepare-jobs"),
 ) -> None:
     """Serve models over HTTP (BentoML) and gRPC, training and exporting missing ones first.
 
@@ -264,6 +194,8 @@ def serve(
     }
     if model_config:
         env["KILN_MODEL_CONFIG"] = os.path.abspath(model_config)
+    if threads is not None:
+        env["KILN_THREADS"] = str(threads)
     os.environ.update(env)
     try:
         config = ServeConfig.from_env()
