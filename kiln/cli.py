@@ -26,7 +26,7 @@ def _option(flags: str, **kwargs):
     """A ``kiln serve`` option from its entry in serving.config.SETTINGS (variable, help, shown default)."""
     setting = SETTING_BY_FLAG[flags.split("/")[0]]
     show = {"show_default": setting.shown} if setting.shown is not None else {}
-    return typer.Option(*flags.split("/"), envvar=setting.env, help=setting.help, **show, **kwargs)
+    return typer.Option(flags, envvar=setting.env, help=setting.help, **show, **kwargs)
 
 
 def _default(flag: str):
@@ -41,6 +41,14 @@ _ENV_ONLY_EPILOG = "Settings read from the environment only:\n\n" + "\n\n".join(
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
+
+
+def _missing(exc: Exception, tag: str) -> str:
+    """An artifact error's message, with how to train the model when the store lacks it."""
+    from kiln.artifacts import ArtifactNotFound
+    from kiln.prepare import recipe_hint
+
+    return f"{exc}; {recipe_hint(tag)}" if isinstance(exc, ArtifactNotFound) else str(exc)
 
 
 @app.command()
@@ -104,7 +112,7 @@ def _export(tag: str, formats: list[str] | None, max_loss: list[str] | None = No
     try:
         export_artifact(tag, formats, log=typer.echo, max_loss=parse_max_loss(max_loss or []))
     except (ArtifactError, ExportError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(_missing(exc, tag))
 
 
 @app.command("export")
@@ -280,18 +288,44 @@ def models_list(
         typer.echo(json.dumps([{"tag": a.tag, **a.manifest} for a in arts], indent=2))
         return
     if not arts:
-        typer.echo("no models yet: `kiln train vit-soft` or `make serve` creates them")
+        typer.echo(
+            "no models yet: `kiln prepare` trains and exports the default ones (`make serve` does too)"
+        )
         return
-    typer.echo(f"{'TAG':<34} {'ARCHITECTURE':<20} {'TEST ACC':>8}  EXPORTS")
+    rows = [("TAG", "ARCHITECTURE", "QUALITY", "EXPORTS")]
     for a in arts:
-        acc = a.manifest.get("metrics", {}).get("test_accuracy")
-        acc_s = f"{acc:.4f}" if acc is not None else "-"
         exports = ",".join(
             fmt + ("(discarded)" if "discarded" in entry else "")
             for fmt, entry in a.manifest.get("exports", {}).items()
         )
-        exports = exports or "-"
-        typer.echo(f"{a.tag:<34} {a.manifest.get('architecture', '?'):<20} {acc_s:>8}  {exports}")
+        rows.append((a.tag, a.manifest.get("architecture", "?"), _quality(a.manifest), exports or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+
+
+def _quality(manifest: dict) -> str:
+    """The artifact's own quality metric, by task: what its trainer and export measured."""
+    metrics, onnx = manifest.get("metrics", {}), manifest.get("exports", {}).get("onnx", {})
+    task = manifest.get("task")
+    if "test_accuracy" in metrics:  # classifiers
+        return f"test accuracy {metrics['test_accuracy']:.3f}"
+    if task == "image-generation" and "fid_digits" in onnx:
+        return (
+            f"FID-digits {onnx['fid_digits']:.2f}, cond. accuracy {onnx.get('conditional_accuracy', 0):.2f}"
+        )
+    if task == "price-forecasting" and "val_mae_log_return" in metrics:
+        mae = f"val MAE {metrics['val_mae_log_return']:.4f}"
+        walk = metrics.get("val_mae_random_walk")
+        return mae + (f" (random walk {walk:.4f})" if walk is not None else "")
+    recall = sorted(k for k in metrics if k.startswith("test_") and k.endswith(("_top1", "_r1")))
+    if task == "embedding" and recall:
+        # the model's own space first (self / new-new), else the cross-model one it was trained for
+        key = next((k for k in recall if "self" in k or "new_new" in k), None)
+        key = key or next((k for k in recall if "projection_r1" in k and "no_" not in k), recall[0])
+        name, spaces = ("top-1", key[5:-5]) if key.endswith("_top1") else ("recall@1", key[5:-3])
+        return f"test {name} {metrics[key]:.1f}% ({spaces.replace('_', ' ')})"
+    return "-"
 
 
 @models_app.command("show")
@@ -302,7 +336,7 @@ def models_show(tag: Annotated[str, typer.Argument(help="NAME (latest) or NAME:V
     try:
         art = get_artifact(tag)
     except ArtifactError as exc:
-        _fail(str(exc))
+        _fail(_missing(exc, tag))
     typer.echo(json.dumps({"tag": art.tag, "path": str(art.path), **art.manifest}, indent=2))
 
 
@@ -322,6 +356,20 @@ def models_delete(
         raise typer.Exit(code=1)
     delete_artifact(art.tag)
     typer.echo(f"deleted {art.tag}")
+
+
+@app.command()
+def token() -> None:
+    """Print the admin bearer token the server uses: KILN_ADMIN_TOKEN, else the one in $KILN_HOME/admin-token.
+
+    For scripts: curl -H "Authorization: Bearer $(kiln token)" ...
+    """
+    from serving.admin import admin_token
+
+    value = admin_token()
+    if not value:
+        _fail("no admin token: KILN_ADMIN_TOKEN is unset and $KILN_HOME/admin-token cannot be made")
+    typer.echo(value)
 
 
 @app.command()

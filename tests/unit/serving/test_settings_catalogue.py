@@ -80,6 +80,8 @@ def test_serve_options_are_the_catalogued_flags_with_their_variables_and_default
         assert option.envvar == setting.env, setting.flag
         assert option.default == setting.default, setting.flag
         assert option.help == setting.help, setting.flag
+        if isinstance(setting.default, bool):  # an on/off pair, not two names of one switch
+            assert option.secondary_opts == [f"--no-{setting.flag.removeprefix('--')}"]
 
 
 def test_serve_help_names_every_flag_and_variable():
