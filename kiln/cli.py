@@ -210,6 +210,8 @@ def serve(
     except ConfigError as exc:
         _fail(str(exc))
     _prepare(config.models, train_missing, train_epochs, prepare_jobs)
+    everywhere = " — every interface; --host 127.0.0.1 keeps it to this machine" if host == "0.0.0.0" else ""
+    typer.echo(f"bound to {host}{everywhere}")
     typer.echo(f"HTTP  http://localhost:{http_port}  (task routes: /docs.json; /v2/...; GET /metrics)")
     if grpc_port:
         typer.echo(f"gRPC  localhost:{grpc_port}  (inference.GRPCInferenceService)")
