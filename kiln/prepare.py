@@ -46,10 +46,12 @@ def recipe_hint(tag: str) -> str:
     """How to get ``tag`` into the store: its training command if it is a recipe, else the recipes."""
     from training.recipes import RECIPES
 
-    name = tag.split(":")[0]
-    if ":" not in tag and name in RECIPES:
-        return f"train it with `kiln prepare {name}` (training + its default exports)"
-    return f"{name!r} is no recipe; `kiln train` trains one of: {', '.join(RECIPES)}"
+    name, _, version = tag.partition(":")
+    if name not in RECIPES:
+        return f"{name!r} is no recipe; `kiln train` trains one of: {', '.join(RECIPES)}"
+    if version:  # a pinned version is never trained anew: a new training run gets a new version
+        return f"`kiln models list` shows the stored versions; `kiln prepare {name}` trains a new one"
+    return f"train it with `kiln prepare {name}` (training + its default exports)"
 
 
 def _missing_formats(art) -> list[str]:

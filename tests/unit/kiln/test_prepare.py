@@ -128,3 +128,8 @@ def test_an_unknown_model_is_answered_with_the_recipes():
     assert "'no-such-model' is no recipe" in str(info.value)
     assert all(name in str(info.value) for name in recipes.RECIPES)
     assert "kiln train no-such-model" not in str(info.value)
+    with pytest.raises(PrepareError) as info:
+        plan(["vit-soft:doesnotexist"])  # a recipe, but not that version
+    assert "is no recipe" not in str(info.value) and "`kiln models list` shows the stored versions" in str(
+        info.value
+    )
