@@ -38,6 +38,10 @@ class ArtifactError(Exception):
     """An artifact is missing, malformed, or not safe to load."""
 
 
+class ArtifactNotFound(ArtifactError):
+    """The model store has no artifact of that tag."""
+
+
 @dataclass
 class Artifact:
     """A model-store entry: its tag, directory and manifest."""
@@ -125,9 +129,8 @@ def get_artifact(tag: str) -> Artifact:
         bento_model = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:
         known = sorted({m.tag.name for m in bentoml.models.list()})
-        raise ArtifactError(
-            f"no model {tag!r} in the store at {os.environ['BENTOML_HOME']}; stored: {known or 'none'}. "
-            f"Train it with `kiln train {tag.split(':')[0]}`."
+        raise ArtifactNotFound(
+            f"no model {tag!r} in the store at {os.environ['BENTOML_HOME']}; stored: {known or 'none'}"
         ) from None
     path = Path(bento_model.path)
     manifest_path = path / MANIFEST

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from serving.config import DEFAULT_MODELS
+from serving.config import DEFAULT_MODELS, SETTING_BY_FLAG, SETTINGS
 
 app = typer.Typer(
     help="Kiln: train research models on bundled data, export them to ONNX / int8 / TensorRT, and serve "
@@ -22,9 +22,33 @@ models_app = typer.Typer(help="List, inspect and delete artifacts in the model s
 app.add_typer(models_app, name="models")
 
 
+def _option(flags: str, **kwargs):
+    """A ``kiln serve`` option from its entry in serving.config.SETTINGS (variable, help, shown default)."""
+    setting = SETTING_BY_FLAG[flags.split("/")[0]]
+    show = {"show_default": setting.shown} if setting.shown is not None else {}
+    return typer.Option(flags, envvar=setting.env, help=setting.help, **show, **kwargs)
+
+
+def _default(flag: str):
+    return SETTING_BY_FLAG[flag].default
+
+
+_ENV_ONLY_EPILOG = "Settings read from the environment only:\n\n" + "\n\n".join(
+    f"{s.env} (default: {s.default_text}) — {s.help}" for s in SETTINGS if s.flag is None
+)
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
+
+
+def _missing(exc: Exception, tag: str) -> str:
+    """An artifact error's message, with how to train the model when the store lacks it."""
+    from kiln.artifacts import ArtifactNotFound
+    from kiln.prepare import recipe_hint
+
+    return f"{exc}; {recipe_hint(tag)}" if isinstance(exc, ArtifactNotFound) else str(exc)
 
 
 @app.command()
@@ -88,7 +112,7 @@ def _export(tag: str, formats: list[str] | None, max_loss: list[str] | None = No
     try:
         export_artifact(tag, formats, log=typer.echo, max_loss=parse_max_loss(max_loss or []))
     except (ArtifactError, ExportError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(_missing(exc, tag))
 
 
 @app.command("export")
@@ -125,141 +149,36 @@ def export_cmd(
     _export(model, formats, max_loss)
 
 
-@app.command()
+@app.command(epilog=_ENV_ONLY_EPILOG)
 def serve(
-    models: Annotated[
-        str | None,
-        typer.Option(
-            envvar="KILN_MODELS",
-            help="Comma-separated model names or NAME:VERSION tags (default: the built-in models, or none "
-            "with --model-repository).",
-        ),
-    ] = None,
-    backend: Annotated[
-        str,
-        typer.Option(
-            envvar="KILN_BACKEND",
-            help="Default runtime: onnxruntime, onnxruntime-int8, pytorch, tensorrt-fp16, tensorrt-int8.",
-        ),
-    ] = "onnxruntime",
-    host: Annotated[
-        str, typer.Option(envvar="KILN_HOST", help="Address to bind HTTP and gRPC to.")
-    ] = "0.0.0.0",
-    http_port: Annotated[
-        int, typer.Option(envvar="KILN_HTTP_PORT", help="HTTP port (task endpoints, /v2, /metrics).")
-    ] = 3000,
-    grpc_port: Annotated[
-        int, typer.Option(envvar="KILN_GRPC_PORT", help="gRPC Open Inference Protocol port; 0 disables it.")
-    ] = 8001,
-    batch_max_size: Annotated[
-        int,
-        typer.Option(
-            envvar="KILN_BATCH_MAX_SIZE", min=1, help="Adaptive batching: max samples per batch; 1 = off."
-        ),
-    ] = 32,
-    batch_window_ms: Annotated[
-        float,
-        typer.Option(
-            envvar="KILN_BATCH_WINDOW_MS", min=0, help="Adaptive batching: max wait for a batch to fill."
-        ),
-    ] = 2.0,
-    max_request_bytes: Annotated[
-        int,
-        typer.Option(
-            envvar="KILN_MAX_REQUEST_BYTES",
-            min=1024,
-            help="Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED.",
-        ),
-    ] = 8 * 1024 * 1024,
-    max_queue_size: Annotated[
-        int,
-        typer.Option(
-            envvar="KILN_MAX_QUEUE_SIZE",
-            min=1,
-            help="Admission control: most requests waiting per model and backend; more get HTTP 429 with "
-            "Retry-After / gRPC RESOURCE_EXHAUSTED at once (Triton's max_queue_size).",
-        ),
-    ] = 256,
-    max_queue_delay_ms: Annotated[
-        float,
-        typer.Option(
-            envvar="KILN_MAX_QUEUE_DELAY_MS",
-            min=0,
-            help="Admission control: longest a request may wait in a model's queue (estimated when it "
-            "arrives, enforced when its batch forms); past it, 429 / RESOURCE_EXHAUSTED. 0 = no bound.",
-        ),
-    ] = 1000.0,
-    max_in_flight: Annotated[
-        str,
-        typer.Option(
-            envvar="KILN_MAX_IN_FLIGHT",
-            help="Admission control at the edge: most requests in progress per worker (HTTP + gRPC); more "
-            "get 429 with Retry-After / RESOURCE_EXHAUSTED before their body is read or any other "
-            "middleware runs. 'auto': what the models hold (each one's queue plus its batches in "
-            "computation, summed, at most 512); 0 = no bound.",
-        ),
-    ] = "auto",
-    drain_timeout_s: Annotated[
-        float,
-        typer.Option(
-            envvar="KILN_DRAIN_TIMEOUT_S",
-            min=0,
-            help="SIGTERM: longest wait for accepted requests to finish (the server is not ready and "
-            "refuses new requests meanwhile) before it exits anyway.",
-        ),
-    ] = 30.0,
-    model_config: Annotated[
-        str | None,
-        typer.Option(
-            envvar="KILN_MODEL_CONFIG",
-            help="YAML or JSON file of per-model settings (backend, batch_max_size, batch_window_ms, "
-            "max_queue_size, max_queue_delay_ms, instances) by model name; the flags above are the "
-            "defaults. KILN_MODEL_SETTINGS takes the same mapping as inline JSON.",
-        ),
-    ] = None,
-    model_repository: Annotated[
-        str | None,
-        typer.Option(
-            envvar="KILN_MODEL_REPOSITORY",
-            help="A Triton model repository (DIR/<name>/config.pbtxt, DIR/<name>/<version>/model.onnx): "
-            "every model in it is served beside the --models ones.",
-        ),
-    ] = None,
-    repository_poll_s: Annotated[
-        float,
-        typer.Option(
-            envvar="KILN_REPOSITORY_POLL_S",
-            min=0,
-            help="Rescan the model repository this often (seconds; Triton's --model-control-mode=poll): new "
-            "model and version directories are served, removed ones drained and unloaded. 0 = never.",
-        ),
-    ] = 0.0,
-    workers: Annotated[int, typer.Option(envvar="KILN_WORKERS", min=1, help="Server worker processes.")] = 1,
-    generation_batching: Annotated[
-        str,
-        typer.Option(
-            envvar="KILN_GENERATION_BATCHING",
-            help="Diffusion sampling: 'step' (concurrent /generate requests share denoiser batches step by "
-            "step) or 'request' (one request's sampling loop at a time).",
-        ),
-    ] = "step",
-    log_level: Annotated[
-        str, typer.Option(envvar="KILN_LOG_LEVEL", help="Kiln's log level: DEBUG, INFO, WARNING, ERROR.")
-    ] = "INFO",
-    train_missing: Annotated[
-        bool, typer.Option("--train/--no-train", help="Train and export default models the store lacks.")
-    ] = True,
-    train_epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs for models trained here (default: the recipe's).")
-    ] = None,
-    prepare_jobs: Annotated[
-        int | None,
-        typer.Option(
-            envvar="KILN_PREPARE_JOBS",
-            min=1,
-            help="Missing models trained/exported at once, each in its own process (default: one per core).",
-        ),
-    ] = None,
+    models: Annotated[str | None, _option("--models")] = _default("--models"),
+    backend: Annotated[str, _option("--backend")] = _default("--backend"),
+    host: Annotated[str, _option("--host")] = _default("--host"),
+    http_port: Annotated[int, _option("--http-port")] = _default("--http-port"),
+    grpc_port: Annotated[int, _option("--grpc-port")] = _default("--grpc-port"),
+    batch_max_size: Annotated[int, _option("--batch-max-size", min=1)] = _default("--batch-max-size"),
+    batch_window_ms: Annotated[float, _option("--batch-window-ms", min=0)] = _default("--batch-window-ms"),
+    max_request_bytes: Annotated[int, _option("--max-request-bytes", min=1024)] = _default(
+        "--max-request-bytes"
+    ),
+    max_queue_size: Annotated[int, _option("--max-queue-size", min=1)] = _default("--max-queue-size"),
+    max_queue_delay_ms: Annotated[float, _option("--max-queue-delay-ms", min=0)] = _default(
+        "--max-queue-delay-ms"
+    ),
+    max_in_flight: Annotated[str | None, _option("--max-in-flight")] = _default("--max-in-flight"),
+    drain_timeout_s: Annotated[float, _option("--drain-timeout-s", min=0)] = _default("--drain-timeout-s"),
+    model_config: Annotated[str | None, _option("--model-config")] = _default("--model-config"),
+    model_repository: Annotated[str | None, _option("--model-repository")] = _default("--model-repository"),
+    repository_poll_s: Annotated[float, _option("--repository-poll-s", min=0)] = _default(
+        "--repository-poll-s"
+    ),
+    workers: Annotated[int, _option("--workers", min=1)] = _default("--workers"),
+    threads: Annotated[int | None, _option("--threads", min=1)] = _default("--threads"),
+    generation_batching: Annotated[str, _option("--generation-batching")] = _default("--generation-batching"),
+    log_level: Annotated[str, _option("--log-level")] = _default("--log-level"),
+    train_missing: Annotated[bool, _option("--train/--no-train")] = _default("--train"),
+    train_epochs: Annotated[int | None, _option("--train-epochs", min=1)] = _default("--train-epochs"),
+    prepare_jobs: Annotated[int | None, _option("--prepare-jobs", min=1)] = _default("--prepare-jobs"),
 ) -> None:
     """Serve models over HTTP (BentoML) and gRPC, training and exporting missing ones first.
 
@@ -282,7 +201,7 @@ def serve(
         "KILN_MAX_QUEUE_SIZE": str(max_queue_size),
         "KILN_MAX_QUEUE_DELAY_MS": str(max_queue_delay_ms),
         "KILN_DRAIN_TIMEOUT_S": str(drain_timeout_s),
-        "KILN_MAX_IN_FLIGHT": max_in_flight,
+        "KILN_MAX_IN_FLIGHT": max_in_flight or "auto",
         "KILN_WORKERS": str(workers),
         "KILN_GENERATION_BATCHING": generation_batching,
         "KILN_LOG_LEVEL": log_level,
@@ -292,12 +211,16 @@ def serve(
     if model_repository:
         env["KILN_MODEL_REPOSITORY"] = os.path.abspath(model_repository)
     env["KILN_REPOSITORY_POLL_S"] = str(repository_poll_s)
+    if threads is not None:
+        env["KILN_THREADS"] = str(threads)
     os.environ.update(env)
     try:
         config = ServeConfig.from_env()
     except ConfigError as exc:
         _fail(str(exc))
     _prepare(config.models, train_missing, train_epochs, prepare_jobs)
+    everywhere = " — every interface; --host 127.0.0.1 keeps it to this machine" if host == "0.0.0.0" else ""
+    typer.echo(f"bound to {host}{everywhere}")
     typer.echo(f"HTTP  http://localhost:{http_port}  (task routes: /docs.json; /v2/...; GET /metrics)")
     if grpc_port:
         typer.echo(f"gRPC  localhost:{grpc_port}  (inference.GRPCInferenceService)")
@@ -376,18 +299,44 @@ def models_list(
         typer.echo(json.dumps([{"tag": a.tag, **a.manifest} for a in arts], indent=2))
         return
     if not arts:
-        typer.echo("no models yet: `kiln train vit-soft` or `make serve` creates them")
+        typer.echo(
+            "no models yet: `kiln prepare` trains and exports the default ones (`make serve` does too)"
+        )
         return
-    typer.echo(f"{'TAG':<34} {'ARCHITECTURE':<20} {'TEST ACC':>8}  EXPORTS")
+    rows = [("TAG", "ARCHITECTURE", "QUALITY", "EXPORTS")]
     for a in arts:
-        acc = a.manifest.get("metrics", {}).get("test_accuracy")
-        acc_s = f"{acc:.4f}" if acc is not None else "-"
         exports = ",".join(
             fmt + ("(discarded)" if "discarded" in entry else "")
             for fmt, entry in a.manifest.get("exports", {}).items()
         )
-        exports = exports or "-"
-        typer.echo(f"{a.tag:<34} {a.manifest.get('architecture', '?'):<20} {acc_s:>8}  {exports}")
+        rows.append((a.tag, a.manifest.get("architecture", "?"), _quality(a.manifest), exports or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+
+
+def _quality(manifest: dict) -> str:
+    """The artifact's own quality metric, by task: what its trainer and export measured."""
+    metrics, onnx = manifest.get("metrics", {}), manifest.get("exports", {}).get("onnx", {})
+    task = manifest.get("task")
+    if "test_accuracy" in metrics:  # classifiers
+        return f"test accuracy {metrics['test_accuracy']:.3f}"
+    if task == "image-generation" and "fid_digits" in onnx:
+        return (
+            f"FID-digits {onnx['fid_digits']:.2f}, cond. accuracy {onnx.get('conditional_accuracy', 0):.2f}"
+        )
+    if task == "price-forecasting" and "val_mae_log_return" in metrics:
+        mae = f"val MAE {metrics['val_mae_log_return']:.4f}"
+        walk = metrics.get("val_mae_random_walk")
+        return mae + (f" (random walk {walk:.4f})" if walk is not None else "")
+    recall = sorted(k for k in metrics if k.startswith("test_") and k.endswith(("_top1", "_r1")))
+    if task == "embedding" and recall:
+        # the model's own space first (self / new-new), else the cross-model one it was trained for
+        key = next((k for k in recall if "self" in k or "new_new" in k), None)
+        key = key or next((k for k in recall if "projection_r1" in k and "no_" not in k), recall[0])
+        name, spaces = ("top-1", key[5:-5]) if key.endswith("_top1") else ("recall@1", key[5:-3])
+        return f"test {name} {metrics[key]:.1f}% ({spaces.replace('_', ' ')})"
+    return "-"
 
 
 @models_app.command("show")
@@ -398,7 +347,7 @@ def models_show(tag: Annotated[str, typer.Argument(help="NAME (latest) or NAME:V
     try:
         art = get_artifact(tag)
     except ArtifactError as exc:
-        _fail(str(exc))
+        _fail(_missing(exc, tag))
     typer.echo(json.dumps({"tag": art.tag, "path": str(art.path), **art.manifest}, indent=2))
 
 
@@ -418,6 +367,20 @@ def models_delete(
         raise typer.Exit(code=1)
     delete_artifact(art.tag)
     typer.echo(f"deleted {art.tag}")
+
+
+@app.command()
+def token() -> None:
+    """Print the admin bearer token the server uses: KILN_ADMIN_TOKEN, else the one in $KILN_HOME/admin-token.
+
+    For scripts: curl -H "Authorization: Bearer $(kiln token)" ...
+    """
+    from serving.admin import admin_token
+
+    value = admin_token()
+    if not value:
+        _fail("no admin token: KILN_ADMIN_TOKEN is unset and $KILN_HOME/admin-token cannot be made")
+    typer.echo(value)
 
 
 @app.command()

@@ -42,6 +42,18 @@ class Job:
         return "train + export" if self.train else f"export {', '.join(self.formats)}"
 
 
+def recipe_hint(tag: str) -> str:
+    """How to get ``tag`` into the store: its training command if it is a recipe, else the recipes."""
+    from training.recipes import RECIPES
+
+    name, _, version = tag.partition(":")
+    if name not in RECIPES:
+        return f"{name!r} is no recipe; `kiln train` trains one of: {', '.join(RECIPES)}"
+    if version:  # a pinned version is never trained anew: a new training run gets a new version
+        return f"`kiln models list` shows the stored versions; `kiln prepare {name}` trains a new one"
+    return f"train it with `kiln prepare {name}` (training + its default exports)"
+
+
 def _missing_formats(art) -> list[str]:
     from export.pipeline import spec_for
 
@@ -56,13 +68,15 @@ def plan(tags: tuple[str, ...] | list[str], train_missing: bool = True, export: 
     missing work with ``train_missing`` off).
     """
     from kiln.artifacts import ArtifactError, get_artifact
+    from kiln.settings import kiln_home
     from training.recipes import RECIPES
 
     jobs: dict[str, Job] = {}
     order: list[str] = []
+    lacking: list[str] = []  # with train_missing off: recipes the store lacks, all named in one error
 
     def visit(tag: str, stack: tuple[str, ...]) -> None:
-        if tag in jobs or tag in order:
+        if tag in jobs or tag in order or tag in lacking:
             return
         if tag in stack:
             raise PrepareError(f"recipes require each other in a cycle: {' -> '.join((*stack, tag))}")
@@ -74,8 +88,11 @@ def plan(tags: tuple[str, ...] | list[str], train_missing: bool = True, export: 
         try:
             art = get_artifact(tag)
         except ArtifactError as exc:
-            if recipe is None or not train_missing:
-                raise PrepareError(str(exc)) from None
+            if recipe is None:
+                raise PrepareError(f"{exc}; {recipe_hint(tag)}") from None
+            if not train_missing:
+                lacking.append(tag)
+                return
             jobs[tag] = Job(tag, train=True, requires=requires, export_requires=export_requires)
         else:
             missing = _missing_formats(art) if export else []
@@ -88,6 +105,17 @@ def plan(tags: tuple[str, ...] | list[str], train_missing: bool = True, export: 
 
     for tag in tags:
         visit(tag, ())
+    if lacking:
+        from kiln.settings import DEFAULT_MODELS
+
+        command = (
+            "kiln prepare" if set(lacking) == set(DEFAULT_MODELS) else f"kiln prepare {' '.join(lacking)}"
+        )
+        raise PrepareError(
+            f"the model store at {kiln_home() / 'bentoml'} lacks {', '.join(lacking)} and --no-train is "
+            f"set: run `{command}` (trains and exports them, one process per core), "
+            "or start without --no-train"
+        )
     return [jobs[t] for t in order if t in jobs]
 
 

@@ -13,6 +13,11 @@ override them per model, as Triton's per-model ``config.pbtxt`` does::
       instances: 2          # batches computed at once, each on its own runtime
 
 Bad values raise :class:`ConfigError` at start-up with a message saying how to fix them.
+
+:data:`SETTINGS` is the one catalogue of the server's settings — each ``KILN_*`` variable and ``kiln serve``
+flag with its default and help: :meth:`ServeConfig.from_env` takes its defaults from it, ``kiln serve``
+builds its options and ``--help`` from it, and ``tests/unit/serving/test_settings_catalogue.py`` checks the
+README's settings table against it. Adding a setting is one entry here and one row in the README.
 """
 
 from __future__ import annotations
@@ -33,6 +38,214 @@ DEFAULT_MODELS = ",".join(_DEFAULT_MODELS)  # KILN_MODELS' default, comma-separa
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One server setting: its ``KILN_*`` variable and/or ``kiln serve`` flag, its default and help.
+
+    ``shown`` is how the default reads in ``--help`` and the README when it is not the value itself (a
+    default computed at start-up, or none).
+    """
+
+    env: str | None
+    flag: str | None
+    default: Any
+    help: str
+    shown: str | None = None
+
+    @property
+    def default_text(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if isinstance(self.default, bool):
+            return self.flag if self.default else f"--no-{self.flag.removeprefix('--')}"
+        if isinstance(self.default, float) and self.default == int(self.default):
+            return str(int(self.default))
+        return str(self.default)
+
+
+_CORES = "min(4, cores)"
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "KILN_MODELS",
+        "--models",
+        None,  # the built-in models; none when a Triton model repository is served
+        "Comma-separated model names or NAME:VERSION tags (default: the built-in models; none with "
+        "--model-repository).",
+        shown=DEFAULT_MODELS,
+    ),
+    Setting("KILN_BACKEND", "--backend", "onnxruntime", f"Default runtime: {', '.join(BACKENDS)}."),
+    Setting(
+        "KILN_HOST",
+        "--host",
+        "0.0.0.0",
+        "Address HTTP and gRPC bind to; the default accepts connections from every interface — "
+        "--host 127.0.0.1 serves this machine only.",
+    ),
+    Setting("KILN_HTTP_PORT", "--http-port", 3000, "HTTP port (task endpoints, /v2, /metrics)."),
+    Setting("KILN_GRPC_PORT", "--grpc-port", 8001, "gRPC Open Inference Protocol port; 0 disables it."),
+    Setting(
+        "KILN_BATCH_MAX_SIZE", "--batch-max-size", 32, "Adaptive batching: max samples per batch; 1 = off."
+    ),
+    Setting(
+        "KILN_BATCH_WINDOW_MS", "--batch-window-ms", 2.0, "Adaptive batching: max wait for a batch to fill."
+    ),
+    Setting(
+        "KILN_MAX_REQUEST_BYTES",
+        "--max-request-bytes",
+        8 * 1024 * 1024,
+        "Larger request bodies get HTTP 413 / RESOURCE_EXHAUSTED (default 8 MiB).",
+    ),
+    Setting(
+        "KILN_MAX_QUEUE_SIZE",
+        "--max-queue-size",
+        256,
+        "Admission control: most requests waiting per model and backend; more get HTTP 429 with "
+        "Retry-After / gRPC RESOURCE_EXHAUSTED at once (Triton's max_queue_size).",
+    ),
+    Setting(
+        "KILN_MAX_QUEUE_DELAY_MS",
+        "--max-queue-delay-ms",
+        1000.0,
+        "Admission control: longest a request may wait in a model's queue (estimated when it arrives, "
+        "enforced when its batch forms); past it, 429 / RESOURCE_EXHAUSTED. 0 = no bound.",
+    ),
+    Setting(
+        "KILN_MAX_IN_FLIGHT",
+        "--max-in-flight",
+        None,
+        "Admission control at the edge: most requests in progress per worker (HTTP + gRPC); more get 429 "
+        "with Retry-After / RESOURCE_EXHAUSTED before their body is read or any other middleware runs. "
+        "'auto': what the models hold (each one's queue plus its batches in computation, summed, at most "
+        "512); 0 = no bound.",
+        shown="auto",
+    ),
+    Setting(
+        "KILN_DRAIN_TIMEOUT_S",
+        "--drain-timeout-s",
+        30.0,
+        "SIGTERM: longest wait for accepted requests to finish (the server is not ready and refuses new "
+        "requests meanwhile) before it exits anyway.",
+    ),
+    Setting(
+        "KILN_MODEL_CONFIG",
+        "--model-config",
+        None,
+        "YAML or JSON file of per-model settings (backend, batch_max_size, batch_window_ms, max_queue_size, "
+        "max_queue_delay_ms, instances) by model name; the flags above are the defaults.",
+        shown="none",
+    ),
+    Setting(
+        "KILN_MODEL_SETTINGS",
+        None,
+        None,
+        "The same per-model mapping as inline JSON (wins over the file per key).",
+        shown="none",
+    ),
+    Setting(
+        "KILN_MODEL_REPOSITORY",
+        "--model-repository",
+        None,
+        "A Triton model repository (DIR/<name>/config.pbtxt, DIR/<name>/<version>/model.onnx): every model "
+        "in it is served beside the --models ones (KILN_MODELS then defaults to none).",
+        shown="none",
+    ),
+    Setting(
+        "KILN_REPOSITORY_POLL_S",
+        "--repository-poll-s",
+        0.0,
+        "Rescan the model repository this often (seconds; Triton's --model-control-mode=poll): new model "
+        "and version directories are served, removed ones drained and unloaded. 0 = never.",
+    ),
+    Setting("KILN_WORKERS", "--workers", 1, "Server worker processes."),
+    Setting(
+        "KILN_THREADS",
+        "--threads",
+        None,
+        "onnxruntime / PyTorch intra-op threads per runtime.",
+        shown=_CORES,
+    ),
+    Setting(
+        "KILN_GENERATION_BATCHING",
+        "--generation-batching",
+        "step",
+        "Diffusion sampling: 'step' (concurrent /generate requests share denoiser batches step by step) or "
+        "'request' (one request's sampling loop at a time).",
+    ),
+    Setting("KILN_LOG_LEVEL", "--log-level", "INFO", f"Kiln's log level: {', '.join(_LOG_LEVELS)}."),
+    Setting(None, "--train", True, "Train and export the models the store lacks first (--no-train refuses)."),
+    Setting(None, "--train-epochs", None, "Epochs for models trained here.", shown="the recipe's"),
+    Setting(
+        "KILN_PREPARE_JOBS",
+        "--prepare-jobs",
+        None,
+        "Missing models trained/exported at once, each in its own process.",
+        shown="one per core",
+    ),
+    Setting(
+        "KILN_HOME",
+        None,
+        None,
+        "State directory: model store, training runs, logs, admin token, Milvus Lite file.",
+        shown=".kiln",
+    ),
+    Setting(
+        "KILN_ADMIN_TOKEN",
+        None,
+        None,
+        "Bearer token of the admin routes; unset: a random one kept in $KILN_HOME/admin-token "
+        "(`kiln token` prints the active one).",
+        shown="$KILN_HOME/admin-token",
+    ),
+    Setting(
+        "KILN_DEMO_GALLERIES",
+        None,
+        "digits=embed-old,digits-xbt=xbt-old",
+        "Demo galleries created at start-up, NAME=MODEL,...; empty = none.",
+    ),
+    Setting(
+        "KILN_MILVUS_URI",
+        None,
+        None,
+        "Milvus for the galleries: a Milvus Lite file, or http://host:19530 for a standalone/cluster server.",
+        shown="$KILN_HOME/milvus/galleries.db",
+    ),
+    Setting("KILN_MILVUS_TOKEN", None, None, "Token for a Milvus server.", shown="none"),
+    Setting(
+        "KILN_RAY_ADDRESS",
+        None,
+        None,
+        "Run gallery backfills as Ray Data jobs: `local`, `auto` or ray://host:10001 (the ray extra).",
+        shown="none (in-process)",
+    ),
+    Setting(
+        "KILN_RAY_ACTORS", None, None, "Model replicas a Ray backfill embeds with.", shown="one per Ray CPU"
+    ),
+    Setting(
+        "KILN_LLM_BASE_URL",
+        None,
+        None,
+        "OpenAI-compatible chat-completions server of the agent; unset: the agent routes answer 503.",
+        shown="none",
+    ),
+    Setting("KILN_LLM_MODEL", None, None, "The model name that LLM server serves.", shown="none"),
+    Setting("KILN_LLM_API_KEY", None, "none", "Bearer key sent to the LLM server."),
+    Setting("KILN_LLM_TIMEOUT", None, 60.0, "Seconds per LLM call."),
+    Setting(
+        "KILN_LLM_MAX_RETRIES",
+        None,
+        2,
+        "Retries of failed LLM calls (connection errors, timeouts, 429, 5xx; exponential backoff).",
+    ),
+)
+SETTING_BY_ENV = {s.env: s for s in SETTINGS if s.env}
+SETTING_BY_FLAG = {s.flag: s for s in SETTINGS if s.flag}
+
+
+def default_of(env: str) -> Any:
+    """The catalogued default of the ``KILN_*`` variable ``env``."""
+    return SETTING_BY_ENV[env].default
 
 
 def _number(name: str, default, minimum, cast=int):
@@ -213,40 +426,46 @@ class ServeConfig:
                 "KILN_MODELS is empty; name at least one model, e.g. KILN_MODELS=vit-soft, "
                 "or serve a Triton model repository (KILN_MODEL_REPOSITORY)"
             )
-        backend = os.environ.get("KILN_BACKEND", "onnxruntime")
+        backend = os.environ.get("KILN_BACKEND", default_of("KILN_BACKEND"))
         if backend not in BACKENDS:
             raise ConfigError(f"KILN_BACKEND={backend!r} is not a backend; valid: {list(BACKENDS)}")
-        generation_batching = os.environ.get("KILN_GENERATION_BATCHING", "step")
+        generation_batching = os.environ.get(
+            "KILN_GENERATION_BATCHING", default_of("KILN_GENERATION_BATCHING")
+        )
         if generation_batching not in GENERATION_BATCHING:
             raise ConfigError(
                 f"KILN_GENERATION_BATCHING={generation_batching!r} is not a mode; "
                 f"valid: {list(GENERATION_BATCHING)}"
             )
-        log_level = os.environ.get("KILN_LOG_LEVEL", "INFO").upper()
+        log_level = os.environ.get("KILN_LOG_LEVEL", default_of("KILN_LOG_LEVEL")).upper()
         if log_level not in _LOG_LEVELS:
             raise ConfigError(f"KILN_LOG_LEVEL={log_level!r} is not a log level; valid: {list(_LOG_LEVELS)}")
         config = cls(
             models=models,
             backend=backend,
-            http_port=_number("KILN_HTTP_PORT", 3000, 1),
-            grpc_port=_number("KILN_GRPC_PORT", 8001, 0),
-            host=os.environ.get("KILN_HOST", "0.0.0.0"),
-            batch_max_size=_number("KILN_BATCH_MAX_SIZE", 32, 1),
-            batch_window_ms=_number("KILN_BATCH_WINDOW_MS", 2.0, 0.0, float),
-            max_request_bytes=_number("KILN_MAX_REQUEST_BYTES", 8 * 1024 * 1024, 1024),
-            workers=_number("KILN_WORKERS", 1, 1),
-            threads=_number("KILN_THREADS", min(4, os.cpu_count() or 1), 1),
+            http_port=_number("KILN_HTTP_PORT", default_of("KILN_HTTP_PORT"), 1),
+            grpc_port=_number("KILN_GRPC_PORT", default_of("KILN_GRPC_PORT"), 0),
+            host=os.environ.get("KILN_HOST", default_of("KILN_HOST")),
+            batch_max_size=_number("KILN_BATCH_MAX_SIZE", default_of("KILN_BATCH_MAX_SIZE"), 1),
+            batch_window_ms=_number("KILN_BATCH_WINDOW_MS", default_of("KILN_BATCH_WINDOW_MS"), 0.0, float),
+            max_request_bytes=_number("KILN_MAX_REQUEST_BYTES", default_of("KILN_MAX_REQUEST_BYTES"), 1024),
+            workers=_number("KILN_WORKERS", default_of("KILN_WORKERS"), 1),
+            threads=_number("KILN_THREADS", min(4, os.cpu_count() or 1), 1),  # SETTINGS shows it
             log_level=log_level,
             generation_batching=generation_batching,
-            max_queue_size=_number("KILN_MAX_QUEUE_SIZE", 256, 1),
-            max_queue_delay_ms=_number("KILN_MAX_QUEUE_DELAY_MS", 1000.0, 0.0, float),
-            drain_timeout_s=_number("KILN_DRAIN_TIMEOUT_S", 30.0, 0.0, float),
+            max_queue_size=_number("KILN_MAX_QUEUE_SIZE", default_of("KILN_MAX_QUEUE_SIZE"), 1),
+            max_queue_delay_ms=_number(
+                "KILN_MAX_QUEUE_DELAY_MS", default_of("KILN_MAX_QUEUE_DELAY_MS"), 0.0, float
+            ),
+            drain_timeout_s=_number("KILN_DRAIN_TIMEOUT_S", default_of("KILN_DRAIN_TIMEOUT_S"), 0.0, float),
             max_in_flight=_max_in_flight(),
             model_settings=load_model_settings(
                 os.environ.get("KILN_MODEL_CONFIG"), os.environ.get("KILN_MODEL_SETTINGS")
             ),
             model_repository=str(Path(model_repository).resolve()) if model_repository else "",
-            repository_poll_s=_number("KILN_REPOSITORY_POLL_S", 0.0, 0.0, float),
+            repository_poll_s=_number(
+                "KILN_REPOSITORY_POLL_S", default_of("KILN_REPOSITORY_POLL_S"), 0.0, float
+            ),
         )
         if config.repository_poll_s and not model_repository:
             raise ConfigError("KILN_REPOSITORY_POLL_S needs a model repository (KILN_MODEL_REPOSITORY)")

@@ -108,7 +108,6 @@ class Kiln:
                 admin_token=admin_token(),
                 interceptors=[DrainInterceptor(DRAIN)],
             )
-            log.info("gRPC Open Inference Protocol on %s:%d", CONFIG.host, CONFIG.grpc_port)
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:

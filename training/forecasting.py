@@ -196,6 +196,8 @@ def train_forecaster(
         "train_loss": train_loss,
         "val_loss": best_val,
         **{f"val_{k}": v for k, v in val_metrics.items()},
+        # the random walk's median forecast is no change (a log-return of 0): the MAE to beat
+        "val_mae_random_walk": float(np.abs(val.y).mean()),
         "train_seconds": round(seconds, 1),
         # CPU time of the process: what the wall time would be alone on the cores it used (a shared machine
         # stretches the wall time, not this)

@@ -47,6 +47,9 @@ class StoreError(Exception):
     """Milvus refused an operation (a malformed filter, a missing collection...); message from Milvus."""
 
 
+_LITE_KEEPALIVE = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
+
+
 def milvus_uri() -> str:
     """``KILN_MILVUS_URI`` or the Milvus Lite file under ``$KILN_HOME``."""
     uri = os.environ.get("KILN_MILVUS_URI", "").strip()
@@ -130,7 +133,13 @@ class MilvusStore:
         token = os.environ.get("KILN_MILVUS_TOKEN", "")
         self._lock = _lock_lite_file(self.uri) if is_lite(self.uri) else None
         try:
-            self.client = MilvusClient(self.uri, token=token) if token else MilvusClient(self.uri)
+            options = {"token": token} if token else {}
+            if is_lite(self.uri):
+                # pymilvus pings every 10 s even with no call in flight; Milvus Lite's gRPC server allows
+                # a ping only every 5 min without data (gRPC's default) and answers GOAWAY too_many_pings,
+                # which gRPC logs as an error. Ping as the server allows, and never on an idle channel.
+                options["grpc_options"] = _LITE_KEEPALIVE
+            self.client = MilvusClient(self.uri, **options)
         except Exception as exc:  # pymilvus raises its own ConnectionConfigException for a locked Lite file
             hint = (
                 " — Milvus Lite allows one process per file: is another `kiln serve` using it? "

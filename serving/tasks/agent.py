@@ -88,12 +88,17 @@ class _Agent:
     """What the agent routes share: the LLM (or None), the tools, the trajectory store and embedder."""
 
     def __init__(self, repo: ModelRepository):
+        from bentoml._internal.context import server_context
+
         config = LLMConfig.from_env()  # raises LLMConfigError at start-up for bad settings
         self.llm = LLM(config) if config is not None else None
+        # BentoML's CLI process imports the service to read its definition before the workers import it:
+        # say it once, from the worker that serves (the CLI process still checks the settings above).
+        say = log.info if server_context.worker_index is not None else log.debug
         if config is None:
-            log.info("agent: no LLM configured (KILN_LLM_BASE_URL); the /agent routes answer 503")
+            say("agent: no LLM configured (KILN_LLM_BASE_URL); the /agent routes answer 503")
         else:
-            log.info("agent: LLM %r at %s (timeout %gs, %d retries)", config.model, config.base_url,
+            say("agent: LLM %r at %s (timeout %gs, %d retries)", config.model, config.base_url,
                      config.timeout, config.max_retries)  # fmt: skip
         self.repo = repo
         self._tools: list[Tool] | None = None

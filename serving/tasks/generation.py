@@ -264,6 +264,11 @@ class InvertResponse(BaseModel):
     steps: int
     gamma: float
     guidance: float
+    input_size: list[int] = Field(description="[H, W] of the image as sent.")
+    size: list[int] = Field(description="[h, w] it was resized to (bilinear): the model's image size.")
+    image: list[list[float]] = Field(
+        description="The image as inverted (resized, in [0, 1]): what /reconstruct gives back."
+    )
 
 
 class ReconstructRequest(_BDIASettings):
@@ -378,8 +383,9 @@ def router(repo: ModelRepository) -> APIRouter:
                     f"image back; use gamma >= {lowest:.3f} for {req.steps} steps (1.0 is stable) "
                     "or fewer steps",
                 )
+            pixels = decode_image(req.image)
             latent, previous = await served.invert(
-                decode_image(req.image),
+                pixels,
                 label=req.label,
                 steps=req.steps,
                 gamma=req.gamma,
@@ -395,6 +401,9 @@ def router(repo: ModelRepository) -> APIRouter:
             steps=req.steps,
             gamma=req.gamma,
             guidance=req.guidance,
+            input_size=list(pixels.shape),
+            size=list(served.image_size),
+            image=resize_bilinear(pixels, served.image_size).tolist(),
         )
 
     @api.post("/reconstruct", response_model=ReconstructResponse)

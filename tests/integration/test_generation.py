@@ -102,6 +102,30 @@ def test_invert_then_reconstruct_reproduces_the_image_over_http(server):
     assert np.abs(_png_array(r.json()["png"]) - digit).max() <= 1 / 255 + 1e-3
 
 
+def test_invert_says_how_it_resized_the_image_and_reconstruct_gives_that_back(server):
+    digit = [
+        [0, 0, 1, 1, 0, 0],
+        [0, 1, 0, 0, 1, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 1, 1, 1, 1, 0],
+    ]
+    settings = {"label": 2, "steps": 20, "gamma": 1.0}
+    r = httpx.post(f"{server.http}/invert", json={"image": digit, **settings}, timeout=120)
+    assert r.status_code == 200, r.text
+    pair = r.json()
+    assert pair["input_size"] == [5, 6] and pair["size"] == [16, 16]
+    resized = np.asarray(pair["image"])
+    assert np.allclose(resized, resize_bilinear(np.asarray(digit, dtype=np.float32), (16, 16)), atol=1e-6)
+    r = httpx.post(
+        f"{server.http}/reconstruct",
+        json={"latent": pair["latent"], "previous": pair["previous"], **settings},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert np.abs(np.asarray(r.json()["image"]) - resized).max() <= 1e-3
+
+
 def test_concurrent_generate_requests_share_denoiser_batches(server):
     before = httpx.get(f"{server.http}/metrics", timeout=10).text
     with ThreadPoolExecutor(6) as pool:

@@ -72,3 +72,69 @@ def test_serve_reads_settings_from_kiln_environment_variables(restore_environ):
         app, ["serve", "--no-train", "--backend", "also-bogus"], env={"KILN_BACKEND": "pytorch"}
     )
     assert "KILN_BACKEND='also-bogus'" in r.output  # a flag wins over the environment
+
+
+def test_missing_models_point_to_commands_that_exist():
+    from training.recipes import RECIPES
+
+    r = runner.invoke(app, ["models", "show", "nope"])
+    assert r.exit_code == 1 and "'nope' is no recipe" in r.output
+    assert "kiln train nope" not in r.output and all(name in r.output for name in RECIPES)
+    r = runner.invoke(app, ["models", "show", "embed-new-bct"])  # a recipe no test store holds
+    assert r.exit_code == 1 and "`kiln prepare embed-new-bct`" in r.output
+
+
+def test_models_list_is_aligned_and_shows_each_family_its_own_quality(artifact):
+    r = runner.invoke(app, ["models", "list"])
+    assert r.exit_code == 0, r.output
+    header, *rows = r.output.splitlines()
+    column = header.index("QUALITY")
+    assert header.index("ARCHITECTURE") > max(len(row.split()[0]) for row in rows)  # long tags fit
+    [row] = [row for row in rows if row.startswith(artifact.tag)]
+    assert row[column:].startswith("test accuracy 0.500")
+
+
+@pytest.mark.parametrize(
+    ("manifest", "shown"),
+    [
+        ({"task": "image-classification", "metrics": {"test_accuracy": 0.9871}}, "test accuracy 0.987"),
+        (
+            {
+                "task": "image-generation",
+                "exports": {"onnx": {"fid_digits": 3.129, "conditional_accuracy": 0.8}},
+            },
+            "FID-digits 3.13, cond. accuracy 0.80",
+        ),
+        (
+            {
+                "task": "price-forecasting",
+                "metrics": {"val_mae_log_return": 0.0269, "val_mae_random_walk": 0.03},
+            },
+            "val MAE 0.0269 (random walk 0.0300)",
+        ),
+        (
+            {"task": "embedding", "metrics": {"test_self_top1": 60.74, "test_self_map": 39.3}},
+            "test top-1 60.7% (self)",
+        ),
+        (
+            {"task": "embedding", "metrics": {"test_old_old_r1": 34.0, "test_new_old_projection_r1": 91.0}},
+            "test recall@1 91.0% (new old projection)",
+        ),
+        ({"task": "image-generation", "metrics": {}}, "-"),
+    ],
+)
+def test_quality_is_the_metric_each_family_records(manifest, shown):
+    from kiln.cli import _quality
+
+    assert _quality(manifest) == shown
+
+
+def test_kiln_token_prints_the_active_admin_token(monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_ADMIN_TOKEN", "from-the-variable")
+    r = runner.invoke(app, ["token"])
+    assert r.exit_code == 0 and r.output.strip() == "from-the-variable"
+    monkeypatch.delenv("KILN_ADMIN_TOKEN")
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    (tmp_path / "admin-token").write_text("from-the-file\n")
+    r = runner.invoke(app, ["token"])
+    assert r.exit_code == 0 and r.output.strip() == "from-the-file"

@@ -112,3 +112,24 @@ def test_every_default_model_has_a_recipe():
 
     assert set(DEFAULT_MODELS) <= set(recipes.RECIPES)
     assert recipes.DEFAULT_MODELS is DEFAULT_MODELS
+
+
+def test_plan_without_training_names_every_missing_model_and_kiln_prepare(fake_recipes):
+    with pytest.raises(PrepareError) as info:
+        plan(["prep-top", "prep-gated"], train_missing=False)
+    message = str(info.value)
+    assert "lacks prep-old, prep-new, prep-top, prep-gated" in message
+    assert "`kiln prepare prep-old prep-new prep-top prep-gated`" in message and "--no-train" in message
+
+
+def test_an_unknown_model_is_answered_with_the_recipes():
+    with pytest.raises(PrepareError) as info:
+        plan(["no-such-model"])
+    assert "'no-such-model' is no recipe" in str(info.value)
+    assert all(name in str(info.value) for name in recipes.RECIPES)
+    assert "kiln train no-such-model" not in str(info.value)
+    with pytest.raises(PrepareError) as info:
+        plan(["vit-soft:doesnotexist"])  # a recipe, but not that version
+    assert "is no recipe" not in str(info.value) and "`kiln models list` shows the stored versions" in str(
+        info.value
+    )
