@@ -124,6 +124,24 @@ def load_model_settings(path: str | None, inline: str | None) -> dict[str, dict[
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """The bearer tokens of the server's scopes, as set (``serving.admin`` resolves the admin token's file
+    fallback and checks them). Empty = not set. Kept out of ``repr`` so a logged config leaks none."""
+
+    admin: str = field(default="", repr=False)  # KILN_ADMIN_TOKEN: admin routes, and writes and reads
+    write: str = field(default="", repr=False)  # KILN_WRITE_TOKEN: gallery writes (and reads)
+    read: str = field(default="", repr=False)  # KILN_READ_TOKEN: when set, reads need a token too
+
+    @classmethod
+    def from_env(cls) -> Tokens:
+        return cls(
+            admin=os.environ.get("KILN_ADMIN_TOKEN", "").strip(),
+            write=os.environ.get("KILN_WRITE_TOKEN", "").strip(),
+            read=os.environ.get("KILN_READ_TOKEN", "").strip(),
+        )
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     models: tuple[str, ...]  # model-store names (latest version) or name:version tags
     backend: str  # default runtime; others that the artifact has are loaded too and picked per request
@@ -147,6 +165,7 @@ class ServeConfig:
     # 0 = no bound. 512 = two default model queues' worth.
     max_in_flight: int = 512
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> overrides
+    tokens: Tokens = field(default_factory=Tokens, repr=False)  # bearer tokens by scope (serving.admin)
 
     def settings_for(self, model: str) -> ModelSettings:
         """The settings of ``model`` (a model-store name): the global ones with its overrides."""
@@ -202,6 +221,7 @@ class ServeConfig:
             model_settings=load_model_settings(
                 os.environ.get("KILN_MODEL_CONFIG"), os.environ.get("KILN_MODEL_SETTINGS")
             ),
+            tokens=Tokens.from_env(),
         )
         for model in config.model_settings:  # every override is checked now, not when a model loads
             config.settings_for(model)

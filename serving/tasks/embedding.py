@@ -16,7 +16,9 @@ Routes:
 * ``GET /v1/models`` (OpenAI list) and ``GET /embedding-models`` (modality, dimension, compatibility);
 * ``POST /embed`` — images or texts → vectors in a chosen space;
 * ``/galleries/...`` — Milvus-backed galleries with the upgrade story (:mod:`serving.gallery.manager`);
-  upgrade, backfill and rollback need ``Authorization: Bearer $KILN_ADMIN_TOKEN``.
+  create, upsert and item delete need a write-scope bearer token (``KILN_WRITE_TOKEN`` or the admin
+  token), upgrade, backfill, rollback and drop the admin token (:mod:`serving.admin`). Gallery names and
+  item ids are letters, digits and ``._:-`` (``serving.gallery.store.KEY_PATTERN``), 400 otherwise.
 """
 
 from __future__ import annotations
@@ -29,18 +31,19 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Depends, Header, Path
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from kiln.artifacts import Artifact, load_torch_model
 from kiln.imaging import to_model_input
-from serving.admin import admin_token, require_admin
+from serving.admin import admin_token, require_admin, require_write
 from serving.agent.tools import Tool
 from serving.config import ServeConfig
+from serving.gallery.store import KEY_PATTERN, MAX_ID_LENGTH, MAX_NAME_LENGTH
 from serving.images import decode_image
 from serving.model import LoadedModel
 from serving.repository import InferenceError, ModelRepository, TensorSpec
@@ -356,8 +359,17 @@ class GalleryCreate(BaseModel):
     model: str = Field(description="The embedding model that indexes the gallery (its native space).")
 
 
+GalleryName = Annotated[str, Path(pattern=KEY_PATTERN, max_length=MAX_NAME_LENGTH)]
+ItemId = Annotated[str, Path(pattern=KEY_PATTERN, max_length=MAX_ID_LENGTH)]
+
+
+def _write_scope(authorization: str | None = Header(None)) -> None:
+    """The write check (serving.admin), run before the body is validated: 401 without a token, 403 wrong."""
+    require_write(authorization)
+
+
 class GalleryItem(BaseModel):
-    id: str
+    id: str = Field(pattern=KEY_PATTERN, max_length=MAX_ID_LENGTH)
     image: list[Any] | str | None = None
     text: str | None = None
     vector: list[float] | None = None
@@ -612,15 +624,15 @@ def router(repo: ModelRepository) -> APIRouter:
 
     # --- galleries ----------------------------------------------------------------------------------
 
-    @api.post("/galleries/{name}")
-    async def create_gallery(name: str, req: GalleryCreate) -> dict:
+    @api.post("/galleries/{name}", dependencies=[Depends(_write_scope)])
+    async def create_gallery(name: GalleryName, req: GalleryCreate) -> dict:
         """Create a gallery indexed by `model` (idempotent for the same model)."""
         g = host.get()
         _, created = await g.create(name, req.model)
         return {**(await asyncio.to_thread(g.describe, name)), "created": created}
 
     @api.get("/galleries/{name}")
-    async def describe_gallery(name: str) -> dict:
+    async def describe_gallery(name: GalleryName) -> dict:
         """Active query model and space, items per space, backfill progress."""
         g = host.get()
         g.state(name)
@@ -631,8 +643,8 @@ def router(repo: ModelRepository) -> APIRouter:
         g = host.get()
         return {"galleries": sorted(g.states)}
 
-    @api.post("/galleries/{name}/items")
-    async def upsert_items(name: str, req: GalleryItems) -> dict:
+    @api.post("/galleries/{name}/items", dependencies=[Depends(_write_scope)])
+    async def upsert_items(name: GalleryName, req: GalleryItems) -> dict:
         """Upsert items (an existing id is replaced); answers once they are flushed to Milvus."""
         from serving.gallery.manager import Item
 
@@ -644,19 +656,21 @@ def router(repo: ModelRepository) -> APIRouter:
         n = await g.upsert(name, items)
         return {"upserted": n, "ids": [it.id for it in items]}
 
-    @api.delete("/galleries/{name}/items/{item_id}")
-    async def delete_item(name: str, item_id: str) -> dict:
+    @api.delete("/galleries/{name}/items/{item_id}", dependencies=[Depends(_write_scope)])
+    async def delete_item(name: GalleryName, item_id: ItemId) -> dict:
         g = host.get()
         await g.delete(name, item_id)
         return {"deleted": item_id}
 
     @api.post("/galleries/{name}/search", response_model=SearchResponse)
-    async def search(name: str, req: GallerySearch) -> SearchResponse:
+    async def search(name: GalleryName, req: GallerySearch) -> SearchResponse:
         """Top-k items for an image, text or vector query, embedded by the gallery's active model."""
         return await search_gallery(repo, name, req)
 
     @api.post("/galleries/{name}/upgrade")
-    async def upgrade(name: str, req: UpgradeRequest, authorization: str | None = Header(None)) -> dict:
+    async def upgrade(
+        name: GalleryName, req: UpgradeRequest, authorization: str | None = Header(None)
+    ) -> dict:
         """Admin: query with a compatible new model now — zero items re-embedded."""
         require_admin(authorization)
         g = host.get()
@@ -667,7 +681,7 @@ def router(repo: ModelRepository) -> APIRouter:
 
     @api.post("/galleries/{name}/backfill")
     async def backfill(
-        name: str, req: BackfillRequest | None = None, authorization: str | None = Header(None)
+        name: GalleryName, req: BackfillRequest | None = None, authorization: str | None = Header(None)
     ) -> dict:
         """Admin: start re-embedding the items with the active model (resumable; progress in GET)."""
         require_admin(authorization)
@@ -677,7 +691,7 @@ def router(repo: ModelRepository) -> APIRouter:
         return await asyncio.to_thread(g.describe, name)
 
     @api.post("/galleries/{name}/rollback")
-    async def rollback(name: str, authorization: str | None = Header(None)) -> dict:
+    async def rollback(name: GalleryName, authorization: str | None = Header(None)) -> dict:
         """Admin: back to the previous query model and space (a running backfill is discarded)."""
         require_admin(authorization)
         g = host.get()
@@ -685,7 +699,7 @@ def router(repo: ModelRepository) -> APIRouter:
         return await asyncio.to_thread(g.describe, name)
 
     @api.delete("/galleries/{name}")
-    async def drop_gallery(name: str, authorization: str | None = Header(None)) -> dict:
+    async def drop_gallery(name: GalleryName, authorization: str | None = Header(None)) -> dict:
         """Admin: delete the gallery and its collections."""
         require_admin(authorization)
         g = host.get()
