@@ -15,7 +15,7 @@ import bentoml
 import serving  # noqa: F401  (configures the model store before bentoml is imported)
 from kiln.artifacts import get_artifact
 from serving import metrics
-from serving.admin import admin_token
+from serving.admin import ReadTokenMiddleware, admin_token, read_token_interceptor
 from serving.admission import Drain, DrainInterceptor, RequestLifecycleMiddleware, install_sigterm_drain
 from serving.agent.mcp import create_mcp_app
 from serving.config import ServeConfig
@@ -88,7 +88,7 @@ class Kiln:
                 max_message_bytes=CONFIG.max_request_bytes,
                 share_port=CONFIG.workers > 1,  # each worker process serves gRPC on the same port
                 admin_token=admin_token(),
-                interceptors=[DrainInterceptor(DRAIN)],
+                interceptors=[DrainInterceptor(DRAIN), read_token_interceptor(CONFIG.tokens)],
             )
             log.info("gRPC Open Inference Protocol on %s:%d", CONFIG.host, CONFIG.grpc_port)
 
@@ -102,6 +102,7 @@ class Kiln:
 
 
 Kiln.add_asgi_middleware(BodyLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
+Kiln.add_asgi_middleware(ReadTokenMiddleware, tokens=CONFIG.tokens)  # KILN_READ_TOKEN: reads need a token
 Kiln.add_asgi_middleware(RequestLifecycleMiddleware, drain=DRAIN)
 Kiln.add_asgi_middleware(InferFastPath, oip=OIP_APP, prefix="/v2")  # POST /v2/.../infer past the routers
 Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/v2")  # GET /v2 answers, not 307 → /v2/
