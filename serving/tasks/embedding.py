@@ -51,6 +51,7 @@ from serving.routes import observed, task_model
 
 log = logging.getLogger("kiln.serving.embedding")
 
+_RO_HINT = "give the server a writable KILN_HOME or KILN_MILVUS_URI (a Milvus server)"
 MAX_INPUTS = 256  # texts or images per /embed or /v1/embeddings request
 MAX_TEXT_CHARS = 2000
 
@@ -239,7 +240,12 @@ class _GalleryHost:
         if not any(isinstance(m, Embedder) for v in self.repo.models.values() for m in v.values()):
             self.unavailable = "no embedding model is loaded; galleries need one (KILN_MODELS)"
             return
-        uri = milvus_uri()
+        try:
+            uri = milvus_uri()
+        except OSError as exc:  # a read-only KILN_HOME: galleries 503 with the reason, the rest serves
+            self.unavailable = f"galleries are off: the Milvus Lite file cannot be made ({exc}); {_RO_HINT}"
+            log.error(self.unavailable)
+            return
         workers = ServeConfig.from_env().workers
         if is_lite(uri) and workers > 1:
             self.unavailable = (
@@ -253,6 +259,10 @@ class _GalleryHost:
             store = await asyncio.to_thread(MilvusStore, uri)
         except RuntimeError as exc:  # e.g. a Lite file another server holds: galleries 503, the rest serves
             self.unavailable = f"galleries are off: {exc}"
+            log.error(self.unavailable)
+            return
+        except OSError as exc:  # the Lite file's lock or directory in a read-only KILN_HOME
+            self.unavailable = f"galleries are off: {type(exc).__name__}: {exc}; {_RO_HINT}"
             log.error(self.unavailable)
             return
         self.galleries = Galleries(store, self.lookup, ray_address=os.environ.get("KILN_RAY_ADDRESS", ""))
