@@ -36,9 +36,12 @@ def test_unknown_tool_names_are_not_label_values():
     for name in ("nope", "x" * 20, "drop table", "echo2"):
         result = asyncio.run(call_tool(tools, name, {}, caller="mcp"))
         assert not result.ok and "no tool" in result.error
-        assert REGISTRY.get_sample_value(
-            "kiln_tool_calls_total", {"tool": name, "caller": "mcp", "status": "failure"}
-        ) is None
+        assert (
+            REGISTRY.get_sample_value(
+                "kiln_tool_calls_total", {"tool": name, "caller": "mcp", "status": "failure"}
+            )
+            is None
+        )
     assert _count("_unknown_") == before + 4
     assert asyncio.run(call_tool(tools, "echo", {"text": "hi"}, caller="mcp")).ok
     assert asyncio.run(call_tool(tools, "echo", {}, caller="mcp")).ok is False  # known name, bad arguments
