@@ -369,8 +369,22 @@ class GalleryCreate(BaseModel):
     model: str = Field(description="The embedding model that indexes the gallery (its native space).")
 
 
-GalleryName = Annotated[str, Path(pattern=KEY_PATTERN, max_length=MAX_NAME_LENGTH)]
-ItemId = Annotated[str, Path(pattern=KEY_PATTERN, max_length=MAX_ID_LENGTH)]
+# Documented in the schema; checked by the gallery manager, whose 400 names the rule ("gallery name ...").
+GalleryName = Annotated[
+    str, Path(json_schema_extra={"pattern": KEY_PATTERN, "maxLength": MAX_NAME_LENGTH, "minLength": 1})
+]
+ItemId = Annotated[
+    str, Path(json_schema_extra={"pattern": KEY_PATTERN, "maxLength": MAX_ID_LENGTH, "minLength": 1})
+]
+
+
+def _links(**targets: dict[str, str]) -> dict:
+    """OpenAPI links of a gallery route's 200 answer (operation id → its parameters), so a client or a
+    stateful fuzzer (schemathesis) can chain create → upsert → search → delete."""
+    return {200: {"links": {op: {"operationId": op, "parameters": params} for op, params in targets.items()}}}
+
+
+_SAME_GALLERY = {"name": "$request.path.name"}
 
 
 def _write_scope(authorization: str | None = Header(None)) -> None:
@@ -379,7 +393,7 @@ def _write_scope(authorization: str | None = Header(None)) -> None:
 
 
 class GalleryItem(BaseModel):
-    id: str = Field(pattern=KEY_PATTERN, max_length=MAX_ID_LENGTH)
+    id: str = Field(json_schema_extra={"pattern": KEY_PATTERN, "maxLength": MAX_ID_LENGTH, "minLength": 1})
     image: list[Any] | str | None = None
     text: str | None = None
     vector: list[float] | None = None
@@ -634,14 +648,24 @@ def router(repo: ModelRepository) -> APIRouter:
 
     # --- galleries ----------------------------------------------------------------------------------
 
-    @api.post("/galleries/{name}", dependencies=[Depends(_write_scope)])
+    @api.post(
+        "/galleries/{name}",
+        dependencies=[Depends(_write_scope)],
+        operation_id="create_gallery",
+        responses=_links(
+            upsert_gallery_items=_SAME_GALLERY,
+            search_gallery=_SAME_GALLERY,
+            describe_gallery=_SAME_GALLERY,
+            drop_gallery=_SAME_GALLERY,
+        ),
+    )
     async def create_gallery(name: GalleryName, req: GalleryCreate) -> dict:
         """Create a gallery indexed by `model` (idempotent for the same model)."""
         g = host.get()
         _, created = await g.create(name, req.model)
         return {**(await asyncio.to_thread(g.describe, name)), "created": created}
 
-    @api.get("/galleries/{name}")
+    @api.get("/galleries/{name}", operation_id="describe_gallery")
     async def describe_gallery(name: GalleryName) -> dict:
         """Active query model and space, items per space, backfill progress."""
         g = host.get()
@@ -653,7 +677,15 @@ def router(repo: ModelRepository) -> APIRouter:
         g = host.get()
         return {"galleries": sorted(g.states)}
 
-    @api.post("/galleries/{name}/items", dependencies=[Depends(_write_scope)])
+    @api.post(
+        "/galleries/{name}/items",
+        dependencies=[Depends(_write_scope)],
+        operation_id="upsert_gallery_items",
+        responses=_links(
+            delete_gallery_item={**_SAME_GALLERY, "item_id": "$response.body#/ids/0"},
+            search_gallery=_SAME_GALLERY,
+        ),
+    )
     async def upsert_items(name: GalleryName, req: GalleryItems) -> dict:
         """Upsert items (an existing id is replaced); answers once they are flushed to Milvus."""
         from serving.gallery.manager import Item
@@ -666,13 +698,18 @@ def router(repo: ModelRepository) -> APIRouter:
         n = await g.upsert(name, items)
         return {"upserted": n, "ids": [it.id for it in items]}
 
-    @api.delete("/galleries/{name}/items/{item_id}", dependencies=[Depends(_write_scope)])
+    @api.delete(
+        "/galleries/{name}/items/{item_id}",
+        dependencies=[Depends(_write_scope)],
+        operation_id="delete_gallery_item",
+        responses=_links(describe_gallery=_SAME_GALLERY, search_gallery=_SAME_GALLERY),
+    )
     async def delete_item(name: GalleryName, item_id: ItemId) -> dict:
         g = host.get()
         await g.delete(name, item_id)
         return {"deleted": item_id}
 
-    @api.post("/galleries/{name}/search", response_model=SearchResponse)
+    @api.post("/galleries/{name}/search", response_model=SearchResponse, operation_id="search_gallery")
     async def search(name: GalleryName, req: GallerySearch) -> SearchResponse:
         """Top-k items for an image, text or vector query, embedded by the gallery's active model."""
         return await search_gallery(repo, name, req)
@@ -708,7 +745,9 @@ def router(repo: ModelRepository) -> APIRouter:
         await g.rollback(name)
         return await asyncio.to_thread(g.describe, name)
 
-    @api.delete("/galleries/{name}")
+    @api.delete(
+        "/galleries/{name}", operation_id="drop_gallery", responses=_links(describe_gallery=_SAME_GALLERY)
+    )
     async def drop_gallery(name: GalleryName, authorization: str | None = Header(None)) -> dict:
         """Admin: delete the gallery and its collections."""
         require_admin(authorization)
