@@ -46,12 +46,12 @@ OPEN_PATHS = (
 OPEN_GRPC_METHODS = ("ServerLive", "ServerReady", "Check", "Watch")
 
 
-def admin_token() -> str:
-    """The token: ``KILN_ADMIN_TOKEN``, else the one in ``$KILN_HOME/admin-token`` (made if missing);
-    "" when neither is set and the file cannot be made (a read-only home: admin routes are off)."""
+def admin_token(tokens: Tokens | None = None) -> str:
+    """The token: ``KILN_ADMIN_TOKEN`` (``tokens.admin``), else the one in ``$KILN_HOME/admin-token`` (made
+    if missing); "" when neither is set and the file cannot be made (a read-only home: admin routes off)."""
     import secrets
 
-    token = Tokens.from_env().admin
+    token = (tokens or Tokens.from_env()).admin
     if token:
         return token
     path = kiln_home() / ADMIN_TOKEN_FILE
@@ -95,7 +95,7 @@ def _admin_source(tokens: Tokens) -> str:
 
 def _accepted(scope: str, tokens: Tokens) -> tuple[list[str], str]:
     """(the tokens ``scope`` accepts, a sentence naming them and where they come from)."""
-    admin = [admin_token()]
+    admin = [admin_token(tokens)]
     where = _admin_source(tokens) + "; `kiln token` prints it"
     if scope == "admin":
         return admin, where
