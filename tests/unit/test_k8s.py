@@ -39,7 +39,7 @@ K8S_VERSION = "1.32.0"
 CRD_SCHEMAS = {"ServiceMonitor": "servicemonitor_v1.json", "PrometheusRule": "prometheusrule_v1.json"}
 GPU_RESOURCE = "nvidia.com/gpu"
 FAMILY_LABEL = "kiln.dev/family"
-SECRET_KEYS = {"KILN_ADMIN_TOKEN", "KILN_LLM_API_KEY"}
+SECRET_KEYS = {"KILN_ADMIN_TOKEN", "KILN_WRITE_TOKEN", "KILN_READ_TOKEN", "KILN_LLM_API_KEY"}
 
 
 @functools.cache
