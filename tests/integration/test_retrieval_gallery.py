@@ -293,7 +293,7 @@ def test_gallery_writes_need_a_token_and_ids_never_rewrite_the_filter(retrieval)
     ]
     for headers, status in [
         ({}, 401),
-        ({"Authorization": "Bearer "}, 401),
+        ({"Authorization": "Bearer"}, 401),
         ({"Authorization": "Bearer x"}, 403),
     ]:
         r = retrieval.post("/galleries/hostile", {"model": OLD}, headers=headers)
