@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -273,6 +274,7 @@ def test_schemathesis_stateful_gallery_lifecycle(server):
     from schemathesis.specs.openapi.checks import ensure_resource_availability, use_after_free
 
     from serving.admin import scope_token
+    from serving.gallery.store import KEY_PATTERN
 
     auth = {"Authorization": f"Bearer {scope_token('admin')}"}  # drop is admin; the admin token also writes
     models = httpx.get(f"{server.http}/embedding-models", timeout=30).json()["models"]
@@ -280,6 +282,8 @@ def test_schemathesis_stateful_gallery_lifecycle(server):
     rng = np.random.default_rng(0)
     schema = schemathesis.openapi.from_url(f"{server.http}/docs.json").include(path_regex=r"^/galleries/")
     seen = {"created": 0, "deleted_items": 0}
+    statuses: dict[tuple[str, str, int], int] = {}
+    KEY = re.compile(KEY_PATTERN)
 
     def count(name: str) -> int | None:
         r = httpx.get(f"{server.http}/galleries/{name}", timeout=30)
@@ -300,7 +304,9 @@ def test_schemathesis_stateful_gallery_lifecycle(server):
             elif route == ("POST", "/galleries/{name}/items"):
                 generated = case.body.get("items") if isinstance(case.body, dict) else None
                 ids = [it.get("id") for it in generated or [] if isinstance(it, dict)]
-                ids = [i for i in ids if isinstance(i, str)][:3] or ["item-0"]
+                ids = [i for i in ids if isinstance(i, str) and KEY.match(i) and len(i) <= 256][:3] or [
+                    "item-0"
+                ]
                 case.body = {
                     "items": [{"id": i, "vector": vector(), "metadata": {}} for i in dict.fromkeys(ids)]
                 }
@@ -320,6 +326,7 @@ def test_schemathesis_stateful_gallery_lifecycle(server):
                 recorder=self.recorder,
             )
             route = (case.method.upper(), case.path)
+            statuses[(*route, response.status_code)] = statuses.get((*route, response.status_code), 0) + 1
             if route == ("POST", "/galleries/{name}") and response.status_code == 200:
                 seen["created"] += 1
             if route == ("DELETE", "/galleries/{name}/items/{item_id}"):
@@ -340,5 +347,5 @@ def test_schemathesis_stateful_gallery_lifecycle(server):
             suppress_health_check=list(hypothesis.HealthCheck),
         )
     )
-    assert seen["created"] > 0 and seen["deleted_items"] > 0, seen  # the chain was really walked
+    assert seen["created"] > 0 and seen["deleted_items"] > 0, (seen, statuses)  # the chain was really walked
     assert server.process.poll() is None and httpx.get(f"{server.http}/v2/health/ready").status_code == 200
