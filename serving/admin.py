@@ -135,7 +135,7 @@ def require(scope: str, authorization: str | None, tokens: Tokens | None = None)
         )
     matches = any(hmac.compare_digest(token.encode(), t.encode()) for t in accepted)
     if scheme.lower() != "bearer" or not matches:
-        raise InferenceError(403, f"wrong token for this {scope} route ({where})")
+        raise InferenceError(403, f"wrong {scope} token ({where})")
 
 
 def check_bearer(expected: str, authorization: str | None) -> None:

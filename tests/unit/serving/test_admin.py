@@ -69,9 +69,8 @@ def test_an_empty_bearer_is_401_and_messages_name_the_token_source(monkeypatch, 
     monkeypatch.setenv("KILN_ADMIN_TOKEN", "from-env")
     status, message, _ = _status(require_admin, f"Bearer {token}")  # the old file's token is refused...
     assert status == 403 and "KILN_ADMIN_TOKEN" in message and "overrides" in message  # ...saying why
-    assert _status(check_bearer, "from-env", f"Bearer {token}")[1] == message.replace(
-        "wrong token for this admin route", "wrong admin token"
-    )
+    assert message.startswith("wrong admin token")
+    assert _status(check_bearer, "from-env", f"Bearer {token}")[1] == message  # one message, both paths
 
 
 def test_scopes_write_and_read(monkeypatch, tmp_path):
