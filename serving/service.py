@@ -24,7 +24,7 @@ from serving.model import LoadedModel
 from serving.oip.grpc_server import start_grpc_server
 from serving.oip.http import InferFastPath, MountRootMiddleware, create_oip_app
 from serving.repository import ModelRepository
-from serving.routes import OpenAPIVersionMiddleware, create_task_app
+from serving.routes import CatchAllMiddleware, OpenAPIVersionMiddleware, create_task_app
 from serving.tasks import load_model, routers, tools
 
 log = logging.getLogger("kiln.serving")
@@ -101,6 +101,7 @@ class Kiln:
                 model.close()
 
 
+Kiln.add_asgi_middleware(CatchAllMiddleware)  # outermost of Kiln's: a 500 with a request id, never re-raised
 Kiln.add_asgi_middleware(BodyLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
 Kiln.add_asgi_middleware(ReadTokenMiddleware, tokens=CONFIG.tokens)  # KILN_READ_TOKEN: reads need a token
 Kiln.add_asgi_middleware(RequestLifecycleMiddleware, drain=DRAIN)
