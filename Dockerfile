@@ -19,9 +19,11 @@ COPY benchmarks benchmarks
 # torch is pinned (constraints.txt); pass PIP_EXTRA_INDEX_URL=<PyTorch's CPU wheel index> as a build arg
 # to keep the CPU image free of CUDA libraries.
 ARG PIP_EXTRA_INDEX_URL=""
+# `kiln prepare` with no names trains and exports every default model (kiln.settings.DEFAULT_MODELS: the
+# vision, generation, forecasting and retrieval families' models, which the agent family reuses), so every
+# family the manifests deploy finds its models in the store (tests/unit/test_k8s.py checks the list).
 RUN pip install -c constraints.txt . \
- && kiln train vit-soft --export && kiln train vit-softmax --export && kiln train diffusion-digits --export \
- && kiln train forecaster-goog-daily --export && kiln train forecaster-eurusd-hourly --export \
+ && kiln prepare \
  && groupadd -g 10001 kiln && useradd -u 10001 -g kiln -M -s /usr/sbin/nologin kiln \
  && chown -R kiln:kiln /var/lib/kiln
 USER 10001

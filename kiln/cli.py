@@ -370,16 +370,28 @@ def models_delete(
 
 
 @app.command()
-def token() -> None:
-    """Print the admin bearer token the server uses: KILN_ADMIN_TOKEN, else the one in $KILN_HOME/admin-token.
+def token(
+    scope: Annotated[
+        str, typer.Option("--scope", help="Whose token: admin (default), write, or read.")
+    ] = "admin",
+) -> None:
+    """Print the server's bearer token for scripts: -H "Authorization: Bearer $(kiln token)".
 
-    For scripts: curl -H "Authorization: Bearer $(kiln token)" ...
+    admin: KILN_ADMIN_TOKEN when set (it overrides the file), else the token in $KILN_HOME/admin-token
+    (made if missing, exactly as the server makes it; KILN_HOME as the server resolves it, from any
+    directory). write: KILN_WRITE_TOKEN when set, else the admin token. read: KILN_READ_TOKEN when set,
+    else the write token.
     """
-    from serving.admin import admin_token
+    from serving.admin import SCOPES, scope_token
 
-    value = admin_token()
+    if scope not in SCOPES:
+        _fail(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+    value = scope_token(scope)
     if not value:
-        _fail("no admin token: KILN_ADMIN_TOKEN is unset and $KILN_HOME/admin-token cannot be made")
+        _fail(
+            "no token: KILN_ADMIN_TOKEN is unset and $KILN_HOME/admin-token cannot be made "
+            "(a read-only KILN_HOME?); set KILN_ADMIN_TOKEN"
+        )
     typer.echo(value)
 
 

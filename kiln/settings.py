@@ -1,7 +1,8 @@
 """Where Kiln keeps its state.
 
-``KILN_HOME`` (default: ``.kiln/`` at the repository root for a source checkout, else ``./.kiln``)
-holds BentoML's model store (``$KILN_HOME/bentoml``) and training runs (``$KILN_HOME/runs``).
+``KILN_HOME`` (default: ``.kiln/`` at the repository root for a source checkout, else ``~/.kiln`` —
+never relative to the current directory, so every command finds the same state from anywhere) holds
+BentoML's model store (``$KILN_HOME/bentoml``) and training runs (``$KILN_HOME/runs``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ DEFAULT_MODELS: tuple[str, ...] = (
 
 
 def kiln_home() -> Path:
-    """The state directory: ``$KILN_HOME`` if set, else project-local ``.kiln``."""
+    """The state directory: ``$KILN_HOME`` if set (a relative one is resolved once, by
+    :func:`configure_environment`, and exported), else the checkout's ``.kiln``, else ``~/.kiln``."""
     env = os.environ.get("KILN_HOME")
     if env:
         return Path(env).expanduser().resolve()
     if (_REPO_ROOT / "pyproject.toml").is_file():
         return _REPO_ROOT / ".kiln"
-    return Path.cwd() / ".kiln"
+    return Path.home() / ".kiln"
 
 
 def configure_environment() -> Path:

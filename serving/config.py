@@ -194,9 +194,24 @@ SETTINGS: tuple[Setting, ...] = (
         "KILN_ADMIN_TOKEN",
         None,
         None,
-        "Bearer token of the admin routes; unset: a random one kept in $KILN_HOME/admin-token "
-        "(`kiln token` prints the active one).",
+        "Bearer token of the admin routes (and writes and reads); unset: a random one kept in "
+        "$KILN_HOME/admin-token (`kiln token` prints the active one).",
         shown="$KILN_HOME/admin-token",
+    ),
+    Setting(
+        "KILN_WRITE_TOKEN",
+        None,
+        None,
+        "Bearer token of gallery writes (create, upsert, delete item); the admin token writes too.",
+        shown="the admin token",
+    ),
+    Setting(
+        "KILN_READ_TOKEN",
+        None,
+        None,
+        "When set, every request but health probes, /metrics and /docs.json needs it (or the write or "
+        "admin token); unset: reads are open.",
+        shown="none (reads open)",
     ),
     Setting(
         "KILN_DEMO_GALLERIES",
@@ -351,6 +366,24 @@ def _max_in_flight() -> int | None:
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """The bearer tokens of the server's scopes, as set (``serving.admin`` resolves the admin token's file
+    fallback and checks them). Empty = not set. Kept out of ``repr`` so a logged config leaks none."""
+
+    admin: str = field(default="", repr=False)  # KILN_ADMIN_TOKEN: admin routes, and writes and reads
+    write: str = field(default="", repr=False)  # KILN_WRITE_TOKEN: gallery writes (and reads)
+    read: str = field(default="", repr=False)  # KILN_READ_TOKEN: when set, reads need a token too
+
+    @classmethod
+    def from_env(cls) -> Tokens:
+        return cls(
+            admin=os.environ.get("KILN_ADMIN_TOKEN", "").strip(),
+            write=os.environ.get("KILN_WRITE_TOKEN", "").strip(),
+            read=os.environ.get("KILN_READ_TOKEN", "").strip(),
+        )
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     models: tuple[str, ...]  # model-store names (latest version) or name:version tags
     backend: str  # default runtime; others that the artifact has are loaded too and picked per request
@@ -395,6 +428,7 @@ class ServeConfig:
             s = self.settings_for(tag.partition(":")[0])
             held += s.max_queue_size + s.batch_max_size * s.instances
         return min(held, MAX_IN_FLIGHT_AUTO)
+    tokens: Tokens = field(default_factory=Tokens, repr=False)  # bearer tokens by scope (serving.admin)
 
     def settings_for(self, model: str) -> ModelSettings:
         """The settings of ``model`` (a model-store name): the global ones with its overrides."""
@@ -466,6 +500,7 @@ class ServeConfig:
             repository_poll_s=_number(
                 "KILN_REPOSITORY_POLL_S", default_of("KILN_REPOSITORY_POLL_S"), 0.0, float
             ),
+            tokens=Tokens.from_env(),
         )
         if config.repository_poll_s and not model_repository:
             raise ConfigError("KILN_REPOSITORY_POLL_S needs a model repository (KILN_MODEL_REPOSITORY)")

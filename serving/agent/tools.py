@@ -80,31 +80,35 @@ async def call_tool(
     tool = tools.get(name)
     if tool is None:
         return _counted(
-            name, caller, ToolResult(False, None, f"no tool {name!r}; available: {sorted(tools)}")
+            tools, name, caller, ToolResult(False, None, f"no tool {name!r}; available: {sorted(tools)}")
         )
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments or "{}")
         except json.JSONDecodeError as exc:
-            return _counted(name, caller, ToolResult(False, None, f"arguments are not valid JSON: {exc}"))
+            return _counted(
+                tools, name, caller, ToolResult(False, None, f"arguments are not valid JSON: {exc}")
+            )
     if not isinstance(arguments, dict):
-        return _counted(name, caller, ToolResult(False, None, "arguments must be a JSON object"))
+        return _counted(tools, name, caller, ToolResult(False, None, "arguments must be a JSON object"))
     try:
         request = tool.request_model.model_validate(arguments)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
         )
-        return _counted(name, caller, ToolResult(False, None, f"invalid arguments: {problems}"))
+        return _counted(tools, name, caller, ToolResult(False, None, f"invalid arguments: {problems}"))
     try:
         response = await tool.handler(request)
     except InferenceError as exc:
-        return _counted(name, caller, ToolResult(False, None, exc.message))
-    return _counted(name, caller, ToolResult(True, response.model_dump(mode="json"), ""))
+        return _counted(tools, name, caller, ToolResult(False, None, exc.message))
+    return _counted(tools, name, caller, ToolResult(True, response.model_dump(mode="json"), ""))
 
 
-def _counted(name: str, caller: str, result: ToolResult) -> ToolResult:
-    known = name if len(name) <= 64 else "_unknown_"
+def _counted(tools: dict[str, Tool], name: str, caller: str, result: ToolResult) -> ToolResult:
+    # the label's values are an allow-list (the served tools' names): a client's made-up tool names
+    # would otherwise each become a new time series
+    known = name if name in tools else metrics.UNKNOWN_MODEL
     status = "success" if result.ok else "failure"
     metrics.TOOL_CALLS.labels(tool=known, caller=caller, status=status).inc()
     return result

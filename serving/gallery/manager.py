@@ -41,11 +41,12 @@ import numpy as np
 
 from serving import metrics
 from serving.gallery.store import (
-    MAX_ID_CHARS,
     MAX_SOURCE_CHARS,
     MilvusStore,
     StoreError,
+    check_id,
     check_name,
+    collection_name,
     decode_source,
     encode_source,
     field_for,
@@ -84,10 +85,6 @@ class Item:
     kind: str  # "image" | "text" | "vector"
     value: Any  # (H, W) float32 image, str, or (d,) float32 vector
     metadata: dict
-
-
-def _collection(name: str, generation: int) -> str:
-    return f"kiln_g_{name.replace('-', '_')}_{generation}"
 
 
 def _accepts(model: EmbeddingModel, kind: str) -> bool:
@@ -163,8 +160,8 @@ class Galleries:
         metrics.GALLERY_BACKFILL_ITEMS.labels(name, "total").set(bf.get("total", 0))
 
     def _drop_orphans(self, name: str, state: dict) -> None:
-        keep = {state["collection"], state["backfill"].get("collection")}
-        prefix = _collection(name, 0)[: -len("0")]
+        keep = {c for s in self.states.values() for c in (s["collection"], s["backfill"].get("collection"))}
+        prefix = collection_name(name, 0)[: -len("0")]
         for coll in self.store.collections():
             if coll.startswith(prefix) and coll[len(prefix) :].isdigit() and coll not in keep:
                 log.info("gallery %s: dropping the retired collection %s", name, coll)
@@ -203,7 +200,7 @@ class Galleries:
                     409,
                     f"gallery {name!r} exists, created with model {first!r}; delete it or pick another name",
                 )
-            collection = _collection(name, 1)
+            collection = collection_name(name, 1)
             await asyncio.to_thread(self.store.create_collection, collection, {model.space: model.dim})
             state = {
                 "name": name,
@@ -299,8 +296,10 @@ class Galleries:
             raise InferenceError(400, f"item ids appear more than once in one request: {twice[:10]}")
         sources = []
         for it in items:
-            if not it.id or len(it.id) > MAX_ID_CHARS:
-                raise InferenceError(400, f"item ids must be 1..{MAX_ID_CHARS} characters, got {it.id!r}")
+            try:
+                check_id(it.id)
+            except ValueError as exc:
+                raise InferenceError(400, str(exc)) from None
             src = encode_source(it.kind, it.value)
             if len(src) > MAX_SOURCE_CHARS:
                 raise InferenceError(
@@ -353,6 +352,10 @@ class Galleries:
         return len(items)
 
     async def delete(self, name: str, item_id: str) -> None:
+        try:
+            check_id(item_id)
+        except ValueError as exc:
+            raise InferenceError(400, str(exc)) from None
         async with self._lock(name):
             state = self.state(name)
             if not await asyncio.to_thread(self.store.exists, state["collection"], [item_id]):
@@ -487,7 +490,7 @@ class Galleries:
                     "upsert them again with `image` or `text` first",
                 )
             generation = state["generation"] + 1
-            target = _collection(name, generation)
+            target = collection_name(name, generation)
             dims = {s: info["dim"] for s, info in state["spaces"].items()} | {model.space: model.dim}
             await asyncio.to_thread(self.store.drop_collection, target)  # a cancelled attempt's leftovers
             await asyncio.to_thread(self.store.create_collection, target, dims)

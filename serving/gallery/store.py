@@ -2,7 +2,8 @@
 
 Layout:
 
-* one **collection per gallery generation** (``kiln_g_<gallery>_<generation>``): ``id`` (VARCHAR primary
+* one **collection per gallery generation** (``kiln_gallery_<escaped gallery>_<generation>``, one-to-one:
+  :func:`collection_name`): ``id`` (VARCHAR primary
   key), ``metadata`` (JSON; search filters are Milvus boolean expressions over it), ``source`` (the item's
   raw input as JSON text — ``{"text": ...}`` or ``{"image": <float16 base64>, "shape": [h, w]}``, or
   ``{"vector": true}`` for items given as vectors — kept so a backfill can re-embed the item), ``kind``
@@ -39,8 +40,17 @@ from kiln.settings import kiln_home
 
 STATE_COLLECTION = "kiln_galleries"
 MAX_SOURCE_CHARS = 65_535  # Milvus' VARCHAR limit: an item's raw input must fit (≈ a 180×180 image)
-MAX_ID_CHARS = 512
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+MAX_ID_CHARS = 512  # the id field's VARCHAR length (ids are validated to MAX_ID_LENGTH)
+# Gallery names and item ids (validated at the edge, 400 otherwise): letters, digits and ``._:-``, not
+# only dots (a client would resolve ``..`` in a URL path). Names are shorter than ids so the collection
+# name they encode into (``collection_name``) stays under Milvus' 255 characters.
+KEY_PATTERN = r"^[A-Za-z0-9._:-]*[A-Za-z0-9_:-][A-Za-z0-9._:-]*$"  # no lookaround: pydantic's engine too
+MAX_NAME_LENGTH = 100
+MAX_ID_LENGTH = 256
+_KEY = re.compile(KEY_PATTERN)
+# Injective: every character outside [A-Za-z0-9] becomes "_" + a letter, so distinct names (``a-b``,
+# ``a_b``) never share a collection. Milvus collection names allow letters, digits and "_".
+_ESCAPES = {"_": "_u", "-": "_d", ".": "_p", ":": "_c"}
 
 
 class StoreError(Exception):
@@ -85,12 +95,34 @@ def _lock_lite_file(uri: str):
 
 
 def check_name(name: str, what: str = "gallery name") -> str:
-    if not _NAME.match(name):
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not _KEY.match(name):
         raise ValueError(
-            f"{what} {name!r} must start with a letter and hold only letters, digits, '_' and '-' "
-            "(at most 63 characters)"
+            f"{what} {name!r:.120} must be 1 to 100 letters, digits, '.', '_', ':' or '-' (not only dots)"
         )
     return name
+
+
+def check_id(item_id: str) -> str:
+    if not isinstance(item_id, str) or len(item_id) > MAX_ID_LENGTH or not _KEY.match(item_id):
+        raise ValueError(
+            f"item id {item_id!r:.300} must be 1 to 256 letters, digits, '.', '_', ':' or '-' (not only dots)"
+        )
+    return item_id
+
+
+def collection_name(gallery: str, generation: int) -> str:
+    """The Milvus collection of a gallery's generation: ``kiln_gallery_<escaped name>_<generation>``,
+    one-to-one (galleries made before this encoding keep the ``kiln_g_`` names saved in their state)."""
+    check_name(gallery)
+    escaped = "".join(_ESCAPES.get(c, c) for c in gallery)
+    return f"kiln_gallery_{escaped}_{int(generation)}"
+
+
+def _literal(value: str) -> str:
+    """A Milvus expression string literal holding ``value`` exactly: backslash and double quote escaped.
+    Only for stores without expression templates (Milvus Lite); ids reaching it passed :func:`check_id`
+    or are read back from the store."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def field_for(space: str) -> str:
@@ -149,6 +181,29 @@ class MilvusStore:
             )
             raise RuntimeError(f"cannot open Milvus at {self.uri}: {exc}{hint}") from exc
         self._ensure_state_collection()
+        self.templates = self._supports_templates()
+
+    def _supports_templates(self) -> bool:
+        """Whether the server takes parameterised filters (``filter_params``; Milvus >= 2.5). Milvus Lite
+        3.2 does not: it answers "unexpected character '{'"."""
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            self.client.query(
+                STATE_COLLECTION, filter="id in {ids}", filter_params={"ids": [""]}, output_fields=["id"]
+            )
+            return True
+        except MilvusException:
+            return False
+
+    def _by_ids(self, ids: list[str]) -> dict[str, Any]:
+        """``filter`` (+ ``filter_params``) selecting rows by primary key, the ids never spliced into the
+        expression where the server takes templates. pymilvus' own ``ids=`` arguments build
+        ``id in ['…']`` without escaping, so an id holding ``'`` rewrites the filter; never used here."""
+        ids = [str(i) for i in ids]
+        if self.templates:
+            return {"filter": "id in {ids}", "filter_params": {"ids": ids}}
+        return {"filter": f"id in [{', '.join(_literal(i) for i in ids)}]"}
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -175,7 +230,7 @@ class MilvusStore:
         self.client.flush(STATE_COLLECTION)
 
     def delete_state(self, name: str) -> None:
-        self.client.delete(STATE_COLLECTION, ids=[name])
+        self._call(self.client.delete, STATE_COLLECTION, **self._by_ids([name]))
         self.client.flush(STATE_COLLECTION)
 
     # --- collections -----------------------------------------------------------------------------
@@ -224,15 +279,18 @@ class MilvusStore:
             self.client.flush(collection)
 
     def delete(self, collection: str, ids: list[str]) -> None:
-        self._call(self.client.delete, collection, ids=ids)
-        self.client.flush(collection)
+        if ids:
+            self._call(self.client.delete, collection, **self._by_ids(ids))
+            self.client.flush(collection)
 
     def count(self, collection: str) -> int:
         rows = self.client.query(collection, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     def exists(self, collection: str, ids: list[str]) -> set[str]:
-        rows = self.client.get(collection, ids=ids, output_fields=["id"])
+        if not ids:
+            return set()
+        rows = self._call(self.client.query, collection, output_fields=["id"], **self._by_ids(ids))
         return {r["id"] for r in rows}
 
     def all_ids(self, collection: str) -> list[str]:
@@ -242,7 +300,10 @@ class MilvusStore:
         return sorted(r["id"] for r in rows)
 
     def get(self, collection: str, ids: list[str], fields: Iterable[str]) -> list[dict]:
-        return list(self.client.get(collection, ids=ids, output_fields=["id", *fields]))
+        if not ids:
+            return []
+        rows = self._call(self.client.query, collection, output_fields=["id", *fields], **self._by_ids(ids))
+        return list(rows)
 
     def count_where(self, collection: str, expr: str) -> int:
         rows = self._call(self.client.query, collection, filter=expr, output_fields=["count(*)"])

@@ -273,14 +273,19 @@ def to_bytes(array: np.ndarray, datatype: str) -> bytes:
 
 
 def to_json(array: np.ndarray, datatype: str) -> list[Any]:
-    """Flattened JSON-ready values of ``array``; BYTES elements are decoded as UTF-8 strings.
+    """Flattened JSON-ready values of ``array``; BYTES elements are decoded as UTF-8 strings; NaN and
+    ±Infinity are ``null`` (JSON has no literal for them; binary outputs keep them).
 
     Raises:
         InferenceError: 400 when a BYTES element is not UTF-8 (the client can ask for binary instead).
     """
     flat = np.asarray(array).reshape(-1)
     if datatype != datatypes.BYTES:
-        return flat.tolist()
+        values = flat.tolist()
+        if flat.dtype.kind in "fc":  # JSON has no NaN / Infinity: non-finite values are null (README)
+            for i in np.flatnonzero(~np.isfinite(flat)):
+                values[i] = None
+        return values
     values = []
     for element in flat:
         if isinstance(element, str):

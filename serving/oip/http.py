@@ -54,6 +54,7 @@ from serving.batching import request_timeout, timeout_parameter
 from serving.metrics import UNKNOWN_MODEL, record_request
 from serving.oip import codec, control, schemas
 from serving.repository import InferenceError, ModelRepository, ServedModel, TensorSpec
+from serving.routes import REQUEST_ID_HEADER, error_response, internal_error_response, json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -458,13 +459,11 @@ def _guarded(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except InferenceError as exc:
-            headers = dict(exc.headers)
-            if getattr(exc, "retry_after", None):
-                headers["Retry-After"] = exc.retry_after  # 429 from admission control
-            return _error(exc.status, exc.message, headers)
-        except Exception as exc:
-            logger.exception("unhandled error serving %s %s", request.method, request.url.path)
-            return _error(500, f"internal server error: {type(exc).__name__}: {exc}")
+            return error_response(exc)
+        except Exception as exc:  # noqa: BLE001 - answered and logged with a request id, never re-raised
+            return internal_error_response(
+                request.method, request.url.path, exc, request.headers.get(REQUEST_ID_HEADER, "")
+            )
 
     return wrapper
 
@@ -646,8 +645,8 @@ def _infer_response(model: ServedModel, request_id: Any, tensors: list[codec.Res
         outputs.append(output)
     body: dict[str, Any] = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
     if request_id is not None:
-        body["id"] = request_id
-    header = json.dumps(body, separators=(",", ":")).encode()
+        body["id"] = json_safe(request_id)  # echoed as sent; a NaN parsed by the lenient reader is null
+    header = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return Response(header, media_type="application/json")
     return Response(

@@ -232,6 +232,8 @@ def router(repo: ModelRepository) -> APIRouter:
     async def synthesize_trajectories(req: SynthesizeRequest | None = Body(None)):
         """Learn-by-interact: synthesize tasks from docs, run them with the tools, store what they did."""
         req = req or SynthesizeRequest()
+        if agent.store.disabled:  # a read-only KILN_HOME: nothing could be stored
+            raise InferenceError(503, agent.store.disabled)
         llm = agent.require_llm()
         tools = agent.select(req.tools or ["*"])
         if not tools:
@@ -255,6 +257,7 @@ def router(repo: ModelRepository) -> APIRouter:
     @api.get("/agent/trajectories")
     async def list_trajectories(limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
         """The stored trajectories, newest first (instruction, proposed task, actions, source)."""
-        return {"count": agent.store.count(), "trajectories": [t.as_dict() for t in agent.store.list(limit)]}
+        out = {"count": agent.store.count(), "trajectories": [t.as_dict() for t in agent.store.list(limit)]}
+        return {**out, "disabled": agent.store.disabled} if agent.store.disabled else out
 
     return api

@@ -16,7 +16,9 @@ Routes:
 * ``GET /v1/models`` (OpenAI list) and ``GET /embedding-models`` (modality, dimension, compatibility);
 * ``POST /embed`` — images or texts → vectors in a chosen space;
 * ``/galleries/...`` — Milvus-backed galleries with the upgrade story (:mod:`serving.gallery.manager`);
-  upgrade, backfill and rollback need ``Authorization: Bearer $KILN_ADMIN_TOKEN``.
+  create, upsert and item delete need a write-scope bearer token (``KILN_WRITE_TOKEN`` or the admin
+  token), upgrade, backfill, rollback and drop the admin token (:mod:`serving.admin`). Gallery names and
+  item ids are letters, digits and ``._:-`` (``serving.gallery.store.KEY_PATTERN``), 400 otherwise.
 """
 
 from __future__ import annotations
@@ -29,18 +31,19 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Depends, Header, Path
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from kiln.artifacts import Artifact, load_torch_model
 from kiln.imaging import to_model_input
-from serving.admin import admin_token, require_admin
+from serving.admin import admin_token, require_admin, require_write
 from serving.agent.tools import Tool
 from serving.config import ServeConfig
+from serving.gallery.store import KEY_PATTERN, MAX_ID_LENGTH, MAX_NAME_LENGTH
 from serving.images import decode_image
 from serving.model import LoadedModel
 from serving.repository import InferenceError, ModelRepository, TensorSpec
@@ -48,6 +51,7 @@ from serving.routes import observed, task_model
 
 log = logging.getLogger("kiln.serving.embedding")
 
+_RO_HINT = "give the server a writable KILN_HOME or KILN_MILVUS_URI (a Milvus server)"
 MAX_INPUTS = 256  # texts or images per /embed or /v1/embeddings request
 MAX_TEXT_CHARS = 2000
 
@@ -236,7 +240,12 @@ class _GalleryHost:
         if not any(isinstance(m, Embedder) for v in self.repo.models.values() for m in v.values()):
             self.unavailable = "no embedding model is loaded; galleries need one (KILN_MODELS)"
             return
-        uri = milvus_uri()
+        try:
+            uri = milvus_uri()
+        except OSError as exc:  # a read-only KILN_HOME: galleries 503 with the reason, the rest serves
+            self.unavailable = f"galleries are off: the Milvus Lite file cannot be made ({exc}); {_RO_HINT}"
+            log.error(self.unavailable)
+            return
         workers = ServeConfig.from_env().workers
         if is_lite(uri) and workers > 1:
             self.unavailable = (
@@ -250,6 +259,10 @@ class _GalleryHost:
             store = await asyncio.to_thread(MilvusStore, uri)
         except RuntimeError as exc:  # e.g. a Lite file another server holds: galleries 503, the rest serves
             self.unavailable = f"galleries are off: {exc}"
+            log.error(self.unavailable)
+            return
+        except OSError as exc:  # the Lite file's lock or directory in a read-only KILN_HOME
+            self.unavailable = f"galleries are off: {type(exc).__name__}: {exc}; {_RO_HINT}"
             log.error(self.unavailable)
             return
         self.galleries = Galleries(store, self.lookup, ray_address=os.environ.get("KILN_RAY_ADDRESS", ""))
@@ -356,8 +369,31 @@ class GalleryCreate(BaseModel):
     model: str = Field(description="The embedding model that indexes the gallery (its native space).")
 
 
+# Documented in the schema; checked by the gallery manager, whose 400 names the rule ("gallery name ...").
+GalleryName = Annotated[
+    str, Path(json_schema_extra={"pattern": KEY_PATTERN, "maxLength": MAX_NAME_LENGTH, "minLength": 1})
+]
+ItemId = Annotated[
+    str, Path(json_schema_extra={"pattern": KEY_PATTERN, "maxLength": MAX_ID_LENGTH, "minLength": 1})
+]
+
+
+def _links(**targets: dict[str, str]) -> dict:
+    """OpenAPI links of a gallery route's 200 answer (operation id → its parameters), so a client or a
+    stateful fuzzer (schemathesis) can chain create → upsert → search → delete."""
+    return {200: {"links": {op: {"operationId": op, "parameters": params} for op, params in targets.items()}}}
+
+
+_SAME_GALLERY = {"name": "$request.path.name"}
+
+
+def _write_scope(authorization: str | None = Header(None)) -> None:
+    """The write check (serving.admin), run before the body is validated: 401 without a token, 403 wrong."""
+    require_write(authorization)
+
+
 class GalleryItem(BaseModel):
-    id: str
+    id: str = Field(json_schema_extra={"pattern": KEY_PATTERN, "maxLength": MAX_ID_LENGTH, "minLength": 1})
     image: list[Any] | str | None = None
     text: str | None = None
     vector: list[float] | None = None
@@ -612,15 +648,25 @@ def router(repo: ModelRepository) -> APIRouter:
 
     # --- galleries ----------------------------------------------------------------------------------
 
-    @api.post("/galleries/{name}")
-    async def create_gallery(name: str, req: GalleryCreate) -> dict:
+    @api.post(
+        "/galleries/{name}",
+        dependencies=[Depends(_write_scope)],
+        operation_id="create_gallery",
+        responses=_links(
+            upsert_gallery_items=_SAME_GALLERY,
+            search_gallery=_SAME_GALLERY,
+            describe_gallery=_SAME_GALLERY,
+            drop_gallery=_SAME_GALLERY,
+        ),
+    )
+    async def create_gallery(name: GalleryName, req: GalleryCreate) -> dict:
         """Create a gallery indexed by `model` (idempotent for the same model)."""
         g = host.get()
         _, created = await g.create(name, req.model)
         return {**(await asyncio.to_thread(g.describe, name)), "created": created}
 
-    @api.get("/galleries/{name}")
-    async def describe_gallery(name: str) -> dict:
+    @api.get("/galleries/{name}", operation_id="describe_gallery")
+    async def describe_gallery(name: GalleryName) -> dict:
         """Active query model and space, items per space, backfill progress."""
         g = host.get()
         g.state(name)
@@ -631,8 +677,16 @@ def router(repo: ModelRepository) -> APIRouter:
         g = host.get()
         return {"galleries": sorted(g.states)}
 
-    @api.post("/galleries/{name}/items")
-    async def upsert_items(name: str, req: GalleryItems) -> dict:
+    @api.post(
+        "/galleries/{name}/items",
+        dependencies=[Depends(_write_scope)],
+        operation_id="upsert_gallery_items",
+        responses=_links(
+            delete_gallery_item={**_SAME_GALLERY, "item_id": "$response.body#/ids/0"},
+            search_gallery=_SAME_GALLERY,
+        ),
+    )
+    async def upsert_items(name: GalleryName, req: GalleryItems) -> dict:
         """Upsert items (an existing id is replaced); answers once they are flushed to Milvus."""
         from serving.gallery.manager import Item
 
@@ -644,19 +698,26 @@ def router(repo: ModelRepository) -> APIRouter:
         n = await g.upsert(name, items)
         return {"upserted": n, "ids": [it.id for it in items]}
 
-    @api.delete("/galleries/{name}/items/{item_id}")
-    async def delete_item(name: str, item_id: str) -> dict:
+    @api.delete(
+        "/galleries/{name}/items/{item_id}",
+        dependencies=[Depends(_write_scope)],
+        operation_id="delete_gallery_item",
+        responses=_links(describe_gallery=_SAME_GALLERY, search_gallery=_SAME_GALLERY),
+    )
+    async def delete_item(name: GalleryName, item_id: ItemId) -> dict:
         g = host.get()
         await g.delete(name, item_id)
         return {"deleted": item_id}
 
-    @api.post("/galleries/{name}/search", response_model=SearchResponse)
-    async def search(name: str, req: GallerySearch) -> SearchResponse:
+    @api.post("/galleries/{name}/search", response_model=SearchResponse, operation_id="search_gallery")
+    async def search(name: GalleryName, req: GallerySearch) -> SearchResponse:
         """Top-k items for an image, text or vector query, embedded by the gallery's active model."""
         return await search_gallery(repo, name, req)
 
     @api.post("/galleries/{name}/upgrade")
-    async def upgrade(name: str, req: UpgradeRequest, authorization: str | None = Header(None)) -> dict:
+    async def upgrade(
+        name: GalleryName, req: UpgradeRequest, authorization: str | None = Header(None)
+    ) -> dict:
         """Admin: query with a compatible new model now — zero items re-embedded."""
         require_admin(authorization)
         g = host.get()
@@ -667,7 +728,7 @@ def router(repo: ModelRepository) -> APIRouter:
 
     @api.post("/galleries/{name}/backfill")
     async def backfill(
-        name: str, req: BackfillRequest | None = None, authorization: str | None = Header(None)
+        name: GalleryName, req: BackfillRequest | None = None, authorization: str | None = Header(None)
     ) -> dict:
         """Admin: start re-embedding the items with the active model (resumable; progress in GET)."""
         require_admin(authorization)
@@ -677,15 +738,17 @@ def router(repo: ModelRepository) -> APIRouter:
         return await asyncio.to_thread(g.describe, name)
 
     @api.post("/galleries/{name}/rollback")
-    async def rollback(name: str, authorization: str | None = Header(None)) -> dict:
+    async def rollback(name: GalleryName, authorization: str | None = Header(None)) -> dict:
         """Admin: back to the previous query model and space (a running backfill is discarded)."""
         require_admin(authorization)
         g = host.get()
         await g.rollback(name)
         return await asyncio.to_thread(g.describe, name)
 
-    @api.delete("/galleries/{name}")
-    async def drop_gallery(name: str, authorization: str | None = Header(None)) -> dict:
+    @api.delete(
+        "/galleries/{name}", operation_id="drop_gallery", responses=_links(describe_gallery=_SAME_GALLERY)
+    )
+    async def drop_gallery(name: GalleryName, authorization: str | None = Header(None)) -> dict:
         """Admin: delete the gallery and its collections."""
         require_admin(authorization)
         g = host.get()

@@ -28,6 +28,7 @@ def _blocks(section: str, lang: str) -> list[str]:
 
 
 def _rewrite(code: str, server) -> str:
+    code = code.replace(".venv/bin/kiln ", f"{sys.executable} -m kiln.cli ")  # blocks run in a scratch dir
     return code.replace("localhost:3000", server.http_hostport).replace("localhost:8001", server.grpc)
 
 

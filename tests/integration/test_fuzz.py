@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -260,3 +261,91 @@ def test_malformed_and_mutated_protobufs_are_client_errors(server):
         assert not answers[2].error_message and answers[2].infer_response.outputs[0].shape == [1, 10]
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ModelInfer(valid, timeout=30).outputs[0].shape == [1, 10]  # still serving
+
+
+def test_schemathesis_stateful_gallery_lifecycle(server):
+    """create → upsert → search → delete item → drop, chained by the gallery routes' OpenAPI links, with
+    generated gallery names and item ids, against the real server (schemathesis' state machine): never a
+    5xx, a deleted item or gallery is gone (use_after_free), a created one is there
+    (ensure_resource_availability), and deleting one item never removes another (the filter-quote hole)."""
+    import hypothesis
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import ensure_resource_availability, use_after_free
+
+    from serving.admin import scope_token
+    from serving.gallery.store import KEY_PATTERN
+
+    auth = {"Authorization": f"Bearer {scope_token('admin')}"}  # drop is admin; the admin token also writes
+    models = httpx.get(f"{server.http}/embedding-models", timeout=30).json()["models"]
+    dim = next(m["dim"] for m in models if m["name"] == "embed-old")
+    rng = np.random.default_rng(0)
+    schema = schemathesis.openapi.from_url(f"{server.http}/docs.json").include(path_regex=r"^/galleries/")
+    seen = {"created": 0, "deleted_items": 0}
+    statuses: dict[tuple[str, str, int], int] = {}
+    KEY = re.compile(KEY_PATTERN)
+
+    def count(name: str) -> int | None:
+        r = httpx.get(f"{server.http}/galleries/{name}", timeout=30)
+        return sum(r.json()["spaces"].values()) if r.status_code == 200 else None
+
+    def vector() -> list[float]:
+        v = rng.normal(size=dim)
+        return (v / np.linalg.norm(v)).tolist()
+
+    class Lifecycle(schema.as_state_machine()):
+        def before_call(self, case):
+            params = case.path_parameters or {}
+            if "name" in params and not str(params["name"]).startswith("fz."):
+                params["name"] = f"fz.{params['name']}"[:100]  # never one of the demo galleries
+            route = (case.method.upper(), case.path)
+            if route == ("POST", "/galleries/{name}"):
+                case.body = {"model": "embed-old"}
+            elif route == ("POST", "/galleries/{name}/items"):
+                generated = case.body.get("items") if isinstance(case.body, dict) else None
+                ids = [it.get("id") for it in generated or [] if isinstance(it, dict)]
+                ids = [i for i in ids if isinstance(i, str) and KEY.match(i) and len(i) <= 256][:3] or [
+                    "item-0"
+                ]
+                case.body = {
+                    "items": [{"id": i, "vector": vector(), "metadata": {}} for i in dict.fromkeys(ids)]
+                }
+            elif route == ("POST", "/galleries/{name}/search"):
+                case.body = {"vector": vector(), "k": 3}
+            elif route == ("DELETE", "/galleries/{name}/items/{item_id}"):
+                self.before = count(params["name"])
+
+        def get_call_kwargs(self, case):
+            return {"headers": auth, "timeout": 60}
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            case.validate_response(
+                response,
+                checks=[not_a_server_error, use_after_free, ensure_resource_availability],
+                transport_kwargs=kwargs or None,
+                recorder=self.recorder,
+            )
+            route = (case.method.upper(), case.path)
+            statuses[(*route, response.status_code)] = statuses.get((*route, response.status_code), 0) + 1
+            if route == ("POST", "/galleries/{name}") and response.status_code == 200:
+                seen["created"] += 1
+            if route == ("DELETE", "/galleries/{name}/items/{item_id}"):
+                after = count(case.path_parameters["name"])
+                if response.status_code == 200:
+                    seen["deleted_items"] += 1
+                    assert after == self.before - 1, (case.path_parameters, self.before, after)
+                elif self.before is not None:
+                    assert after == self.before, (response.status_code, case.path_parameters)
+
+    Lifecycle.run(
+        settings=hypothesis.settings(
+            max_examples=12,
+            stateful_step_count=6,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+    )
+    assert seen["created"] > 0 and seen["deleted_items"] > 0, (seen, statuses)  # the chain was really walked
+    assert server.process.poll() is None and httpx.get(f"{server.http}/v2/health/ready").status_code == 200

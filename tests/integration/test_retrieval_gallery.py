@@ -24,10 +24,12 @@ from PIL import Image
 from serverproc import metric_total, start_server, stop_server
 
 TOKEN = "test-admin-token"
+WRITER = "test-write-token"
 OLD, NEW = "tiny-embed-old", "tiny-embed-new-oca"
 XOLD, XNEW = "tiny-xbt-old", "tiny-xbt-new-text"
 MODELS = [OLD, NEW, XOLD, XNEW]
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+WRITE = {"Authorization": f"Bearer {WRITER}"}  # gallery create, upsert, item delete (serving.admin)
 
 
 def _train_and_export() -> None:
@@ -71,6 +73,7 @@ class Retrieval:
         env = {
             "KILN_MILVUS_URI": str(self.milvus),
             "KILN_ADMIN_TOKEN": TOKEN,
+            "KILN_WRITE_TOKEN": WRITER,
             "KILN_DEMO_GALLERIES": f"demo={OLD}",
             "KILN_THREADS": "1",
         }
@@ -242,12 +245,12 @@ def test_gallery_search_and_embed_are_tools_over_mcp(retrieval):
 
 def test_gallery_bad_input(retrieval):
     images, labels = _digits(10)
-    assert retrieval.post("/galleries/bad", {"model": OLD}).status_code == 200
+    assert retrieval.post("/galleries/bad", {"model": OLD}, headers=WRITE).status_code == 200
     items = [
         {"id": f"b{i}", "image": img.tolist(), "metadata": {"label": int(y)}}
         for i, (img, y) in enumerate(zip(images, labels, strict=True))
     ]
-    assert retrieval.post("/galleries/bad/items", {"items": items}).status_code == 200
+    assert retrieval.post("/galleries/bad/items", {"items": items}, headers=WRITE).status_code == 200
     cases = [
         ("/galleries/nope/search", {"text": "x"}, 404, "unknown gallery"),
         ("/galleries/bad/search", {"vector": [0.1] * 5}, 400, "5 dims"),
@@ -268,10 +271,10 @@ def test_gallery_bad_input(retrieval):
         ("/galleries/bad!", {"model": OLD}, 400, "gallery name"),
     ]
     for path, body, status, words in cases:
-        r = retrieval.post(path, body)
+        r = retrieval.post(path, body, headers=WRITE)
         assert r.status_code == status and words in r.json()["error"], (path, body, r.text)
-    assert httpx.delete(f"{retrieval.url}/galleries/bad/items/b0").status_code == 200
-    assert httpx.delete(f"{retrieval.url}/galleries/bad/items/b0").status_code == 404
+    assert httpx.delete(f"{retrieval.url}/galleries/bad/items/b0", headers=WRITE).status_code == 200
+    assert httpx.delete(f"{retrieval.url}/galleries/bad/items/b0", headers=WRITE).status_code == 404
     # admin routes: 401 without a token, 403 with a wrong one
     assert retrieval.post("/galleries/bad/upgrade", {"model": NEW}).status_code == 401
     r = retrieval.post("/galleries/bad/upgrade", {"model": NEW}, headers={"Authorization": "Bearer nope"})
@@ -280,14 +283,55 @@ def test_gallery_bad_input(retrieval):
     assert r.status_code == 409 and "cannot write queries" in r.json()["error"]
 
 
+def test_gallery_writes_need_a_token_and_ids_never_rewrite_the_filter(retrieval):
+    """The audit's findings against a real server: unauthenticated gallery writes, and an item id closing
+    the quote of Milvus' ``id in ['…']`` that deleted every item of the gallery."""
+    images, labels = _digits(6, offset=600)
+    items = [
+        {"id": f"h{i}", "image": img.tolist(), "metadata": {"label": int(y)}}
+        for i, (img, y) in enumerate(zip(images, labels, strict=True))
+    ]
+    for headers, status in [
+        ({}, 401),
+        ({"Authorization": "Bearer"}, 401),
+        ({"Authorization": "Bearer x"}, 403),
+    ]:
+        r = retrieval.post("/galleries/hostile", {"model": OLD}, headers=headers)
+        assert r.status_code == status, r.text
+        assert "KILN_WRITE_TOKEN" in r.json()["error"]
+    assert (
+        retrieval.post("/galleries/hostile", {"model": OLD}, headers=ADMIN).status_code == 200
+    )  # admin writes
+    assert retrieval.post("/galleries/hostile/items", {"items": items}).status_code == 401
+    assert retrieval.post("/galleries/hostile/items", {"items": items}, headers=WRITE).status_code == 200
+    assert httpx.delete(f"{retrieval.url}/galleries/hostile/items/h0").status_code == 401
+    for hostile in ["x'] or id != ['", 'x"] or id != ["', "h0' or '1", "a b"]:
+        r = httpx.delete(f"{retrieval.url}/galleries/hostile/items/{hostile}", headers=WRITE)
+        assert r.status_code == 400 and "item id" in r.json()["error"], (hostile, r.text)
+        r = retrieval.post(
+            "/galleries/hostile/items", {"items": [{**items[0], "id": hostile}]}, headers=WRITE
+        )
+        assert r.status_code == 400 and "item id" in r.json()["error"], (hostile, r.text)
+    assert retrieval.get("/galleries/hostile").json()["spaces"] == {OLD: 6}  # nothing deleted
+
+    # `a-b` and `a_b` are two galleries: dropping one leaves the other whole
+    for name, chunk in (("a-b", items[:2]), ("a_b", items[2:5])):
+        assert retrieval.post(f"/galleries/{name}", {"model": OLD}, headers=WRITE).status_code == 200
+        assert retrieval.post(f"/galleries/{name}/items", {"items": chunk}, headers=WRITE).status_code == 200
+    assert httpx.delete(f"{retrieval.url}/galleries/a-b", headers=WRITE).status_code == 403  # admin only
+    assert httpx.delete(f"{retrieval.url}/galleries/a-b", headers=ADMIN).status_code == 200
+    assert retrieval.get("/galleries/a_b").json()["spaces"] == {OLD: 3}
+    assert retrieval.get("/galleries/a-b").status_code == 404
+
+
 def test_upgrade_backfill_rollback_with_searches_throughout(retrieval):
     images, labels = _digits(120, offset=200)
     items = [
         {"id": f"d{i:03d}", "image": img.tolist() if i % 2 else _png(img), "metadata": {"label": int(y)}}
         for i, (img, y) in enumerate(zip(images, labels, strict=True))
     ]
-    assert retrieval.post("/galleries/photos", {"model": OLD}).status_code == 200
-    r = retrieval.post("/galleries/photos/items", {"items": items})
+    assert retrieval.post("/galleries/photos", {"model": OLD}, headers=WRITE).status_code == 200
+    r = retrieval.post("/galleries/photos/items", {"items": items}, headers=WRITE)
     assert r.status_code == 200 and r.json()["upserted"] == 120
     queries, _ = _digits(6, offset=400)
     before = [_search_image(retrieval, "photos", q, k=10).json() for q in queries]
@@ -318,7 +362,7 @@ def test_upgrade_backfill_rollback_with_searches_throughout(retrieval):
         r = retrieval.post("/galleries/photos/backfill", {"batch_size": 16, "pause_ms": 50}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["backfill"]["status"] == "running", r.text
         late = {"id": "late", "image": queries[5].tolist(), "metadata": {"label": 99}}
-        assert retrieval.post("/galleries/photos/items", {"items": [late]}).status_code == 200
+        assert retrieval.post("/galleries/photos/items", {"items": [late]}, headers=WRITE).status_code == 200
         deadline = time.time() + 120
         while (d := retrieval.get("/galleries/photos").json())["backfill"]["status"] == "running":
             assert time.time() < deadline, d
@@ -337,19 +381,19 @@ def test_upgrade_backfill_rollback_with_searches_throughout(retrieval):
 
     r = retrieval.post("/galleries/photos/rollback", headers=ADMIN)
     assert r.status_code == 200 and r.json()["model"] == OLD
-    httpx.delete(f"{retrieval.url}/galleries/photos/items/late")
+    httpx.delete(f"{retrieval.url}/galleries/photos/items/late", headers=WRITE)
     after = [_search_image(retrieval, "photos", q, k=10).json() for q in queries]
     assert [a["results"] for a in after] == [b["results"] for b in before]  # ids, scores, metadata: exact
 
 
 def test_xbt_text_queries_over_an_image_gallery(retrieval):
     images, labels = _digits(60, offset=600)
-    assert retrieval.post("/galleries/xbt", {"model": XOLD}).status_code == 200
+    assert retrieval.post("/galleries/xbt", {"model": XOLD}, headers=WRITE).status_code == 200
     items = [
         {"id": f"x{i}", "image": img.tolist(), "metadata": {"label": int(y)}}
         for i, (img, y) in enumerate(zip(images, labels, strict=True))
     ]
-    assert retrieval.post("/galleries/xbt/items", {"items": items}).status_code == 200
+    assert retrieval.post("/galleries/xbt/items", {"items": items}, headers=WRITE).status_code == 200
     old = retrieval.post("/galleries/xbt/search", {"text": "a handwritten seven", "k": 5}).json()
     assert old["model"] == XOLD and len(old["results"]) == 5
     r = retrieval.post("/galleries/xbt/upgrade", {"model": XNEW}, headers=ADMIN)
@@ -366,15 +410,15 @@ def test_acked_upsert_and_backfill_survive_kill9(retrieval):
         {"id": f"k{i:03d}", "image": img.tolist(), "metadata": {"label": int(y)}}
         for i, (img, y) in enumerate(zip(images, labels, strict=True))
     ]
-    assert retrieval.post("/galleries/durable", {"model": OLD}).status_code == 200
-    assert retrieval.post("/galleries/durable/items", {"items": items}).status_code == 200
+    assert retrieval.post("/galleries/durable", {"model": OLD}, headers=WRITE).status_code == 200
+    assert retrieval.post("/galleries/durable/items", {"items": items}, headers=WRITE).status_code == 200
     assert retrieval.post("/galleries/durable/upgrade", {"model": NEW}, headers=ADMIN).status_code == 200
     r = retrieval.post("/galleries/durable/backfill", {"batch_size": 4, "pause_ms": 100}, headers=ADMIN)
     assert r.status_code == 200
     while retrieval.get("/galleries/durable").json()["backfill"]["done"] < 24:
         time.sleep(0.05)
     last = {"id": "acked", "image": images[0].tolist(), "metadata": {"label": 42}}
-    assert retrieval.post("/galleries/durable/items", {"items": [last]}).status_code == 200
+    assert retrieval.post("/galleries/durable/items", {"items": [last]}, headers=WRITE).status_code == 200
     assert retrieval.get("/galleries/durable").json()["backfill"]["status"] == "running"
     retrieval.kill9()  # the acknowledged upsert and the backfill's cursor must survive
 

@@ -39,7 +39,7 @@ K8S_VERSION = "1.32.0"
 CRD_SCHEMAS = {"ServiceMonitor": "servicemonitor_v1.json", "PrometheusRule": "prometheusrule_v1.json"}
 GPU_RESOURCE = "nvidia.com/gpu"
 FAMILY_LABEL = "kiln.dev/family"
-SECRET_KEYS = {"KILN_ADMIN_TOKEN", "KILN_LLM_API_KEY"}
+SECRET_KEYS = {"KILN_ADMIN_TOKEN", "KILN_WRITE_TOKEN", "KILN_READ_TOKEN", "KILN_LLM_API_KEY"}
 
 
 @functools.cache
@@ -517,3 +517,106 @@ def test_monitoring_renders_the_rules_and_the_dashboard_for_grafana() -> None:
     assert sorted(dashboard["data"]) == [f.name for f in files]  # every dashboard file reaches Grafana
     for f in files:
         assert json.loads(dashboard["data"][f.name]) == json.loads(f.read_text())
+
+
+# --- hardening: network, TLS, Milvus authentication, the image's models --------------------------------
+
+
+def _ports(rule: dict) -> set:
+    return {p["port"] for p in rule.get("ports", [])}
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_each_family_has_a_network_policy_for_its_own_pods(target: str) -> None:
+    from urllib.parse import urlparse
+
+    docs = _render(target)
+    deployments = _family_deployments(docs)
+    policies = _all(docs, "NetworkPolicy")
+    assert len(policies) == len(FAMILIES)
+    for family, deployment in deployments.items():
+        (policy,) = [p for p in policies if _selects(p["spec"]["podSelector"], _pod_labels(deployment))]
+        assert all(  # its pods and no other family's
+            _selects(policy["spec"]["podSelector"], _pod_labels(d)) == (f == family)
+            for f, d in deployments.items()
+        )
+        spec = policy["spec"]
+        assert set(spec["policyTypes"]) == {"Ingress", "Egress"}  # default deny both ways, then these
+        (server,) = _containers(deployment, init=False)
+        declared = {p["name"] for p in server["ports"]}
+        for rule in spec["ingress"]:
+            assert rule["from"] and _ports(rule) and _ports(rule) <= declared, rule  # no open-to-all rule
+        for rule in spec["ingress"] + spec["egress"]:
+            for peer in rule.get("from", []) + rule.get("to", []):
+                assert "podSelector" not in peer, "pod peers would get the family label added by kustomize"
+        assert any(53 in _ports(r) for r in spec["egress"])  # DNS
+        config = _config(docs, deployment)
+        needed = []
+        if "KILN_MILVUS_URI" in config:
+            needed.append(urlparse(config["KILN_MILVUS_URI"]).port)
+        if "KILN_LLM_BASE_URL" in config:
+            needed.append(urlparse(config["KILN_LLM_BASE_URL"]).port or 443)
+        for port in needed:
+            assert any(port in _ports(r) for r in spec["egress"]), (family, port)
+        assert (family == "retrieval") == bool("KILN_MILVUS_URI" in config)
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_the_ingress_carries_bearer_tokens_over_tls_only(target: str) -> None:
+    ingress = _one(_render(target), "Ingress")
+    tls = ingress["spec"]["tls"]
+    assert tls and all(entry["secretName"] for entry in tls)
+    covered = {host for entry in tls for host in entry["hosts"]}
+    for rule in ingress["spec"]["rules"]:
+        assert rule.get("host") in covered, "every routed host has a certificate"
+    annotations = ingress["metadata"].get("annotations", {})
+    assert annotations.get("nginx.ingress.kubernetes.io/force-ssl-redirect") == "true"
+
+
+def test_milvus_authenticates_with_credentials_from_secrets() -> None:
+    values = yaml.safe_load((K8S_DIR / "milvus" / "values.yaml").read_text())
+    user = yaml.safe_load(values["extraConfigFiles"]["user.yaml"])
+    assert user["common"]["security"]["authorizationEnabled"] is True
+    env = {e["name"]: e for e in values["standalone"]["extraEnv"]}
+    root = env["COMMON_SECURITY_DEFAULTROOTPASSWORD"]
+    assert set(root) == {"name", "valueFrom"} and root["valueFrom"]["secretKeyRef"]["name"]
+    for target in SERVING_TARGETS:
+        deployment = _family_deployments(_render(target))["retrieval"]
+        (server,) = _containers(deployment, init=False)
+        token = next(e for e in server["env"] if e["name"] == "KILN_MILVUS_TOKEN")
+        assert token["valueFrom"]["secretKeyRef"] == {
+            "name": "kiln-secrets", "key": "KILN_MILVUS_TOKEN", "optional": True
+        }  # fmt: skip
+
+
+def _dockerfile_models() -> set[str]:
+    """The models the image's RUN steps build: `kiln train NAME` each, `kiln prepare [NAMES]` (no names:
+    the default list, as the command does)."""
+    from kiln.settings import DEFAULT_MODELS
+
+    built: set[str] = set()
+    for line in _dockerfile():
+        if not line.startswith("RUN "):
+            continue
+        for step in re.split(r"&&|;", line.removeprefix("RUN ")):
+            words = step.split()
+            if words[:2] == ["kiln", "train"]:
+                built.add(words[2])
+            elif words[:2] == ["kiln", "prepare"]:
+                names = [w for w in words[2:] if not w.startswith("-")]
+                assert not any(w.startswith("--epochs") or w == "--no-export" for w in words), step
+                built.update(names or DEFAULT_MODELS)
+    return built
+
+
+def test_the_image_builds_every_default_model_of_the_families_it_serves() -> None:
+    from kiln.settings import DEFAULT_MODELS
+
+    built = _dockerfile_models()
+    assert built >= set(DEFAULT_MODELS), f"missing from the image: {sorted(set(DEFAULT_MODELS) - built)}"
+    for target in SERVING_TARGETS:
+        for family, deployment in _family_deployments(_render(target)).items():
+            served = {
+                m.partition(":")[0] for m in _config(_render(target), deployment)["KILN_MODELS"].split(",")
+            }
+            assert served <= built, (family, sorted(served - built))

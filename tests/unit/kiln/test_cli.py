@@ -138,3 +138,37 @@ def test_kiln_token_prints_the_active_admin_token(monkeypatch, tmp_path):
     (tmp_path / "admin-token").write_text("from-the-file\n")
     r = runner.invoke(app, ["token"])
     assert r.exit_code == 0 and r.output.strip() == "from-the-file"
+
+
+def test_token_prints_the_active_token_from_any_directory(tmp_path, monkeypatch):
+    """`kiln token`: the file under KILN_HOME (made as the server makes it), KILN_ADMIN_TOKEN over it, the
+    write scope's own token; the same answer whatever the current directory."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("KILN_HOME", str(home))
+    for name in ("KILN_ADMIN_TOKEN", "KILN_WRITE_TOKEN", "KILN_READ_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    first = runner.invoke(app, ["token"])
+    assert first.exit_code == 0, first.output
+    token = first.output.strip()
+    assert token == (home / "admin-token").read_text().strip() and len(token) >= 24
+    monkeypatch.chdir(elsewhere)
+    assert runner.invoke(app, ["token"]).output.strip() == token
+    assert runner.invoke(app, ["token", "--scope", "write"]).output.strip() == token  # admin may write
+    monkeypatch.setenv("KILN_WRITE_TOKEN", "writer")
+    assert runner.invoke(app, ["token", "--scope", "write"]).output.strip() == "writer"
+    monkeypatch.setenv("KILN_ADMIN_TOKEN", "from-env")
+    assert runner.invoke(app, ["token"]).output.strip() == "from-env"  # the variable overrides the file
+    bad = runner.invoke(app, ["token", "--scope", "root"])
+    assert bad.exit_code == 1 and "valid: read, write, admin" in bad.output
+
+
+def test_kiln_home_never_depends_on_the_current_directory(tmp_path, monkeypatch):
+    import kiln.settings as settings
+
+    monkeypatch.delenv("KILN_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert settings.kiln_home() == settings._REPO_ROOT / ".kiln"  # a source checkout
+    monkeypatch.setattr(settings, "_REPO_ROOT", tmp_path / "site-packages")  # an installed package
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    assert settings.kiln_home() == tmp_path / "user" / ".kiln"

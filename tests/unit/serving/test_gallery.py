@@ -233,3 +233,97 @@ def test_a_second_process_on_a_lite_file_fails_at_once_naming_it(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "in use by another process" in r.stderr
     first.close()
+
+
+def test_an_id_that_closes_the_filter_quote_deletes_nothing_else(tmp_path, models):
+    """The audit's hole: pymilvus' ``delete(ids=...)`` built ``id in ['…']`` unescaped, so an id closing
+    the quote deleted every item. The edge refuses such ids (400) and the store never splices one: rows
+    with quotes written before (legacy data) are read, re-embedded and deleted one by one."""
+
+    async def scenario():
+        store = MilvusStore(str(tmp_path / "g.db"))
+        g = Galleries(store, _lookup(models))
+        await g.create("g", "old")
+        await g.upsert("g", _items(5))
+        for hostile in ["x'] or id != ['", 'x"] or id != ["', "a b", "", "..", "é", "x" * 257]:
+            with pytest.raises(InferenceError) as e:
+                await g.delete("g", hostile)
+            assert e.value.status == 400 and "item id" in e.value.message
+            with pytest.raises(InferenceError) as e:
+                await g.upsert("g", [Item(hostile, "text", "1,0,0,0,0,0", {})])
+            assert e.value.status == 400
+        assert g.describe("g")["spaces"] == {"old": 5}
+
+        coll = g.states["g"]["collection"]
+        legacy = ["it's", 'say "hi"', "back\\slash", "x'] or id != ['"]
+        rows = [
+            {"id": i, "metadata": {}, "kind": "text", "source": encode_source("text", "0,1,0,0,0,0"),
+             "v_old": [0.5, 0.5, 0.5, 0.5]}
+            for i in legacy
+        ]  # fmt: skip
+        store.upsert(coll, rows)
+        assert store.exists(coll, legacy) == set(legacy)
+        assert {r["id"] for r in store.get(coll, legacy, ["source"])} == set(legacy)
+        store.delete(coll, ["x'] or id != ['"])
+        assert store.count(coll) == 5 + 3 and store.exists(coll, ["it's", "i0000"]) == {"it's", "i0000"}
+
+        await g.upgrade("g", "new")  # the backfill reads every row by id, quotes included
+        await g.start_backfill("g", batch_size=3)
+        await g.wait_backfill("g")
+        assert g.describe("g")["spaces"] == {"old": 8, "new": 8}
+        store.close()
+
+    run(scenario())
+
+
+def test_gallery_names_map_to_collections_one_to_one(tmp_path, models):
+    """``a-b`` and ``a_b`` once shared one collection: dropping one destroyed the other."""
+    from serving.gallery.store import collection_name
+
+    names = ["a-b", "a_b", "a.b", "a:b", "a__b", "a_ub", "A-b", "a"]
+    assert len({collection_name(n, 1) for n in names}) == len(names)
+    assert len(collection_name("x" * 100, 10**9)) <= 255  # Milvus' limit
+
+    async def scenario():
+        store = MilvusStore(str(tmp_path / "g.db"))
+        g = Galleries(store, _lookup(models))
+        for name in ("a-b", "a_b", "a"):
+            await g.create(name, "old")
+            await g.upsert(name, _items(3))
+        await g.drop("a-b")
+        assert g.describe("a_b")["spaces"] == {"old": 3} and g.describe("a")["spaces"] == {"old": 3}
+        store.close()
+        store = MilvusStore(str(tmp_path / "g.db"))  # a restart drops orphans: none of a's or a_b's
+        g = Galleries(store, _lookup(models))
+        assert sorted(g.states) == ["a", "a_b"] and g.describe("a_b")["spaces"] == {"old": 3}
+        store.close()
+
+    run(scenario())
+
+
+def test_a_gallery_made_before_the_name_encoding_still_loads(tmp_path, models):
+    """State lives in Milvus with its collection name, so a gallery on an old ``kiln_g_`` collection is
+    served as it is; its next generation gets the new encoding."""
+
+    async def scenario():
+        store = MilvusStore(str(tmp_path / "g.db"))
+        store.create_collection("kiln_g_old_one_1", {"old": 4})
+        state = {
+            "name": "old-one", "collection": "kiln_g_old_one_1", "generation": 1,
+            "spaces": {"old": {"dim": 4, "model": "old"}}, "model": "old", "space": "old", "how": "native",
+            "history": [], "backfill": {"status": "none"}, "created": 0.0,
+        }  # fmt: skip
+        store.save_state("old-one", state)
+        store.close()
+        store = MilvusStore(str(tmp_path / "g.db"))
+        g = Galleries(store, _lookup(models))
+        await g.upsert("old-one", _items(4))
+        hits, _ = await g.search("old-one", "text", "1,0,0,0,0,0", 2)
+        assert len(hits) == 2
+        await g.upgrade("old-one", "new")
+        await g.start_backfill("old-one")
+        await g.wait_backfill("old-one")
+        assert g.describe("old-one")["collection"] == "kiln_gallery_old_done_2"
+        store.close()
+
+    run(scenario())

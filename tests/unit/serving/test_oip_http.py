@@ -245,7 +245,10 @@ def test_model_control_needs_the_admin_token(repo):
         missing = c.post("/v2/repository/models/linear/unload")
         assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
         wrong = c.post("/v2/repository/models/linear/unload", headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 403 and wrong.json()["error"] == "wrong admin token"
+        assert wrong.status_code == 403 and wrong.json()["error"].startswith("wrong admin token")
+        assert "KILN_ADMIN_TOKEN" in wrong.json()["error"] and "kiln token" in wrong.json()["error"]
+        empty = c.post("/v2/repository/models/linear/unload", headers={"Authorization": "Bearer "})
+        assert empty.status_code == 401 and empty.headers["www-authenticate"].startswith("Bearer")
         assert "linear" in repo.models  # nothing happened
     with TestClient(_parent(repo), raise_server_exceptions=False) as c:  # no token configured: off
         off = c.post("/v2/repository/models/linear/unload", headers={"Authorization": "Bearer s3cret"})
