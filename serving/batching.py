@@ -210,9 +210,7 @@ class AdaptiveBatcher:
         wait = rows * self._row_seconds / self.instances
         if len(self._running) >= self.instances:  # every instance busy: until the first one frees
             now = time.monotonic()
-            wait += max(
-                0.0, min(n * self._row_seconds - (now - t) for t, n in self._started.values())
-            )
+            wait += max(0.0, min(n * self._row_seconds - (now - t) for t, n in self._started.values()))
         return wait
 
     def _refuse(self, reason: str, message: str, retry_after_s: float | None = None) -> Overloaded:
