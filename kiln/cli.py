@@ -202,12 +202,56 @@ def serve(
             "refuses new requests meanwhile) before it exits anyway.",
         ),
     ] = 30.0,
+    max_text_chars: Annotated[
+        int,
+        typer.Option(
+            envvar="KILN_MAX_TEXT_CHARS",
+            min=1,
+            help="Work budget: longest text per input of a text model (/embed, /v1/embeddings, OIP BYTES), "
+            "in characters, checked before tokenising; longer gets HTTP 400.",
+        ),
+    ] = 2000,
+    max_image_pixels: Annotated[
+        int,
+        typer.Option(
+            envvar="KILN_MAX_IMAGE_PIXELS",
+            min=1,
+            help="Work budget: pixels of all images in one request, read from the PNG/JPEG headers before "
+            "any is decoded; more gets HTTP 400.",
+        ),
+    ] = 16 * 1024 * 1024,
+    generation_deadline_s: Annotated[
+        float,
+        typer.Option(
+            envvar="KILN_GENERATION_DEADLINE_S",
+            min=0.001,
+            help="Sampling requests (/generate, /invert, /reconstruct): admitted only if, with the ones in "
+            "progress, they would finish within this at the measured denoiser rate (else HTTP 429 with "
+            "Retry-After at arrival), and answered 504 at it. Keep it below the gateway's 60 s timeout.",
+        ),
+    ] = 50.0,
+    agent_max_tokens: Annotated[
+        int,
+        typer.Option(
+            envvar="KILN_AGENT_MAX_TOKENS", min=1, help="The agent: most completion tokens per LLM call."
+        ),
+    ] = 1024,
+    agent_max_nli_calls: Annotated[
+        int,
+        typer.Option(
+            envvar="KILN_AGENT_MAX_NLI_CALLS",
+            min=1,
+            help="The agent: most NLI judgments (IEP's candidate checks) per question; more candidates "
+            "than that are cut to the most plausible ones.",
+        ),
+    ] = 16,
     model_config: Annotated[
         str | None,
         typer.Option(
             envvar="KILN_MODEL_CONFIG",
             help="YAML or JSON file of per-model settings (backend, batch_max_size, batch_window_ms, "
-            "max_queue_size, max_queue_delay_ms, instances) by model name; the flags above are the "
+            "max_queue_size, max_queue_delay_ms, instances, max_text_chars, max_image_pixels, "
+            "generation_deadline_s) by model name; the flags above are the "
             "defaults. KILN_MODEL_SETTINGS takes the same mapping as inline JSON.",
         ),
     ] = None,
@@ -258,6 +302,11 @@ def serve(
         "KILN_MAX_QUEUE_DELAY_MS": str(max_queue_delay_ms),
         "KILN_DRAIN_TIMEOUT_S": str(drain_timeout_s),
         "KILN_MAX_IN_FLIGHT": str(max_in_flight),
+        "KILN_MAX_TEXT_CHARS": str(max_text_chars),
+        "KILN_MAX_IMAGE_PIXELS": str(max_image_pixels),
+        "KILN_GENERATION_DEADLINE_S": str(generation_deadline_s),
+        "KILN_AGENT_MAX_TOKENS": str(agent_max_tokens),
+        "KILN_AGENT_MAX_NLI_CALLS": str(agent_max_nli_calls),
         "KILN_WORKERS": str(workers),
         "KILN_GENERATION_BATCHING": generation_batching,
         "KILN_LOG_LEVEL": log_level,
