@@ -21,8 +21,9 @@ or whose own deadline (:func:`request_timeout`) has passed leave the queue witho
 
 A multi-step request (a diffusion sampler asking for ε once per step) is admitted once, by
 :meth:`AdaptiveBatcher.session`, by its work: the rows it will ask for, with the rows the sessions in
-progress still have to run, must finish within its deadline at the measured time per row. Its steps then
-queue without the checks, so an admitted request is never refused half-way.
+progress still have to run, must finish within its deadline at the sessions' measured wall time per row
+(which counts the loop's own time between its steps, not only the runtime's). Its steps then queue
+without the checks, so an admitted request is never refused half-way.
 
 Isolation: a batch whose run fails is split in halves and each half re-run (bisection, as
 ``torch.utils.data``-free servers such as Triton's dynamic batcher leave to the backend), so only the
@@ -185,6 +186,12 @@ class AdaptiveBatcher:
         self._last_batch_requests = 0
         self._row_seconds: float | None = None  # EWMA of compute time per row (batch time / its rows)
         self._sessions: set[_Session] = set()
+        # Sessions' wall time per row: while any session is in progress, the time between session ends
+        # over the rows the sessions submitted meanwhile. Unlike the compute time per row it counts what a
+        # sampling loop spends between its steps too (the sampler's own arithmetic, the event loop).
+        self._session_row_seconds: float | None = None
+        self._session_mark: float | None = None  # start of the current measuring window
+        self._session_rows = 0  # rows submitted by sessions since the mark
         self._executor = ThreadPoolExecutor(
             max_workers=self.instances, thread_name_prefix=f"infer-{labels['model']}"
         )
@@ -238,12 +245,31 @@ class AdaptiveBatcher:
                     f"(max_queue_delay_ms {self.max_queue_delay * 1e3:g})",
                 )
 
+    @property
+    def session_rate(self) -> float | None:
+        """Wall seconds per row of sessions (measured), else the compute time per row over the instances."""
+        if self._session_row_seconds is not None:
+            return self._session_row_seconds
+        return None if self._row_seconds is None else self._row_seconds / self.instances
+
     def session_work_seconds(self) -> float:
         """Estimated seconds until the sessions in progress have run their remaining rows (0 before any
         batch ran)."""
-        if self._row_seconds is None:
-            return 0.0
-        return sum(s.remaining for s in self._sessions) * self._row_seconds / self.instances
+        rate = self.session_rate
+        return 0.0 if rate is None else sum(s.remaining for s in self._sessions) * rate
+
+    def _measure_sessions(self) -> None:
+        """Close the current measuring window of session throughput (at a session's end)."""
+        now = time.monotonic()
+        if self._session_mark is not None and self._session_rows:
+            per_row = (now - self._session_mark) / self._session_rows
+            self._session_row_seconds = (
+                per_row
+                if self._session_row_seconds is None
+                else (_EWMA * per_row + (1 - _EWMA) * self._session_row_seconds)
+            )
+        self._session_mark = now if self._sessions else None
+        self._session_rows = 0
 
     @contextlib.contextmanager
     def session(self, rows: int = 0, *, budget_s: float | None = None) -> Iterator[None]:
@@ -255,23 +281,32 @@ class AdaptiveBatcher:
         Args:
             rows: the rows the session will submit in all (e.g. images × steps × guidance rows).
             budget_s: admit only if the rows the sessions in progress still have to run plus ``rows``
-                take at most this long at the measured time per row (Overloaded with a ``Retry-After``
-                of when they would fit). A session that finds no other in progress is admitted whatever
-                its work: there is no one to wait for, and its own deadline bounds it.
+                take at most this long at the sessions' measured wall time per row (before any session
+                ended: the compute time per row); else :class:`Overloaded` with a
+                ``Retry-After`` of when they would fit. Before any batch ran there is no rate to judge by,
+                and the session is admitted.
         """
         self.admit(waiting=len(self._sessions))
-        if budget_s is not None and self._row_seconds is not None and self._sessions:
+        rate = self.session_rate
+        if budget_s is not None and rate is not None:
             ahead = self.session_work_seconds()
-            total = ahead + rows * self._row_seconds / self.instances
-            if total > budget_s:
-                raise self._refuse(
-                    "work",
-                    f"{len(self._sessions)} requests in progress still need about {ahead:.1f} s of "
-                    f"compute; with this one's {rows} rows it would take about {total:.1f} s, over "
-                    f"its {budget_s:g} s deadline",
-                    max(ahead - max(0.0, budget_s - (total - ahead)), self._row_seconds),
-                )
+            own = rows * rate
+            if ahead + own > budget_s:
+                if self._sessions:
+                    message = (
+                        f"{len(self._sessions)} requests in progress still need about {ahead:.1f} s of "
+                        f"compute; with this one's {rows} rows it would take about {ahead + own:.1f} s, "
+                        f"over its {budget_s:g} s deadline"
+                    )
+                else:
+                    message = (
+                        f"this request's {rows} rows would take about {own:.1f} s at the recent rate, over "
+                        f"its {budget_s:g} s deadline; ask for less work (fewer images or steps)"
+                    )
+                raise self._refuse("work", message, max(ahead + own - budget_s, rate))
         session = _Session(rows)
+        if not self._sessions:
+            self._session_mark, self._session_rows = time.monotonic(), 0
         self._sessions.add(session)
         token = _SESSION.set(session)
         try:
@@ -279,6 +314,7 @@ class AdaptiveBatcher:
         finally:
             _SESSION.reset(token)
             self._sessions.discard(session)
+            self._measure_sessions()
 
     # --- requests -------------------------------------------------------------------------------------
 
@@ -299,6 +335,7 @@ class AdaptiveBatcher:
         admitted = session is not None
         if admitted:
             session.remaining = max(0, session.remaining - size)
+            self._session_rows += size
         deadline = _DEADLINE.get()
         now = time.monotonic()
         if deadline is not None and now >= deadline:

@@ -97,7 +97,14 @@ def test_sessions_are_admitted_by_their_work_against_the_measured_rate():
     async def scenario():
         await batcher.submit({"x": np.ones((100, 2), np.float32)})  # measures ~2 ms a row
         rate = batcher.row_seconds
-        with batcher.session(rows=1000, budget_s=3.0):  # alone: admitted whatever its work
+        try:
+            with batcher.session(rows=2000, budget_s=3.0):  # ~4 s alone: over 3 s
+                pass
+        except Overloaded as exc:
+            alone = exc
+        else:
+            alone = None
+        with batcher.session(rows=1000, budget_s=3.0):  # ~2 s: fits
             try:
                 with batcher.session(rows=1000, budget_s=3.0):  # ~4 s of rows in all: over 3 s
                     pass
@@ -107,11 +114,39 @@ def test_sessions_are_admitted_by_their_work_against_the_measured_rate():
                 refused = None
             with batcher.session(rows=10, budget_s=3.0):  # ~2 s in all: fits
                 await batcher.submit({"x": np.ones((4, 2), np.float32)})
-        return rate, refused
+        return rate, refused, alone
 
-    rate, refused = asyncio.run(scenario())
+    rate, refused, alone = asyncio.run(scenario())
+    assert alone is not None and "ask for less work" in alone.message
     assert rate < 0.0029  # the measurement the decisions below rest on (~2 ms, with room for a busy machine)
     assert refused is not None and refused.status == 429 and "deadline" in refused.message
     assert int(refused.retry_after) >= 1
-    assert metrics.REJECTED.labels(**labels, reason="work")._value.get() == 1
+    assert metrics.REJECTED.labels(**labels, reason="work")._value.get() == 2
+    batcher.close()
+
+
+def test_session_rate_counts_the_time_a_loop_spends_between_its_steps():
+    # 1 ms of compute a row, but the loop spends 20 ms between its steps (the sampler's own work): the
+    # admission must judge by the ~5 ms a row the session really took, not by the 1 ms of compute.
+    run, labels = PerRow(0.001), _labels()
+    batcher = AdaptiveBatcher(run, max_batch_size=256, window_ms=0, labels=labels)
+
+    async def scenario():
+        with batcher.session(rows=40):
+            for _ in range(10):
+                await batcher.submit({"x": np.ones((4, 2), np.float32)})
+                await asyncio.sleep(0.02)
+        compute, wall = batcher.row_seconds, batcher.session_rate
+        with batcher.session(rows=100, budget_s=10):
+            pass  # alone and well within: admitted
+        try:
+            with batcher.session(rows=100, budget_s=0.3):  # ~0.5 s of loop time, only 0.1 s of compute
+                pass
+        except Overloaded as exc:
+            return compute, wall, exc
+        return compute, wall, None
+
+    compute, wall, refused = asyncio.run(scenario())
+    assert wall > 3 * compute
+    assert refused is not None and refused.status == 429
     batcher.close()
