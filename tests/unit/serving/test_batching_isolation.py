@@ -98,21 +98,21 @@ def test_sessions_are_admitted_by_their_work_against_the_measured_rate():
         await batcher.submit({"x": np.ones((100, 2), np.float32)})  # measures ~2 ms a row
         rate = batcher.row_seconds
         try:
-            with batcher.session(rows=2000, budget_s=3.0):  # ~4 s alone: over 3 s
+            with batcher.session(rows=2000, budget_s=6.0):  # ~4 s alone: over 3 s (half of 6 s)
                 pass
         except Overloaded as exc:
             alone = exc
         else:
             alone = None
-        with batcher.session(rows=1000, budget_s=3.0):  # ~2 s: fits
+        with batcher.session(rows=1000, budget_s=6.0):  # ~2 s: fits
             try:
-                with batcher.session(rows=1000, budget_s=3.0):  # ~4 s of rows in all: over 3 s
+                with batcher.session(rows=1000, budget_s=6.0):  # ~4 s of rows in all: over 3 s
                     pass
             except Overloaded as exc:
                 refused = exc
             else:
                 refused = None
-            with batcher.session(rows=10, budget_s=3.0):  # ~2 s in all: fits
+            with batcher.session(rows=10, budget_s=6.0):  # ~2 s in all: fits
                 await batcher.submit({"x": np.ones((4, 2), np.float32)})
         return rate, refused, alone
 
@@ -149,4 +149,21 @@ def test_session_rate_counts_the_time_a_loop_spends_between_its_steps():
     compute, wall, refused = asyncio.run(scenario())
     assert wall > 3 * compute
     assert refused is not None and refused.status == 429
+    batcher.close()
+
+
+def test_a_step_batch_does_not_wait_out_the_window_once_every_session_has_queued_its_step():
+    run, labels = PerRow(0.0), _labels()
+    batcher = AdaptiveBatcher(run, max_batch_size=256, window_ms=60_000, labels=labels)  # a minute
+
+    async def loop() -> None:
+        with batcher.session(rows=3):
+            for _ in range(3):
+                await batcher.submit({"x": np.ones((1, 2), np.float32)})
+
+    async def scenario():
+        await asyncio.wait_for(asyncio.gather(loop(), loop(), loop()), timeout=30)
+
+    asyncio.run(scenario())  # would take three windows (3 minutes) if each step waited the window out
+    assert run.batches[-2:] == [3, 3]  # the steps of the three loops still shared their batches
     batcher.close()
