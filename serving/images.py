@@ -45,7 +45,19 @@ async def decode_images(
     return await asyncio.to_thread(_decode_within, images, max_pixels, what)
 
 
+async def check_image_budget(images: list[Any], max_pixels: int, what: str = "images") -> None:
+    """Refuse (400) ``images`` whose pixels together, read from their headers, exceed ``max_pixels``,
+    without decoding any (off the event loop): for callers that decode later, one image at a time."""
+    await asyncio.to_thread(_within_budget, images, max_pixels, what)
+
+
 def _decode_within(images: list[Any], max_pixels: int, what: str) -> list[np.ndarray]:
+    raws = _within_budget(images, max_pixels, what)
+    return [_decode_bytes(r) if isinstance(r, bytes) else decode_image(r) for r in raws]
+
+
+def _within_budget(images: list[Any], max_pixels: int, what: str) -> list[Any]:
+    """The images' raw forms (PNG/JPEG bytes or the nested list), once their pixels fit the budget."""
     raws: list[Any] = []
     total = 0
     for i, image in enumerate(images):
@@ -63,7 +75,7 @@ def _decode_within(images: list[Any], max_pixels: int, what: str) -> list[np.nda
                 "(max_image_pixels)",
             )
         raws.append(raw)
-    return [_decode_bytes(r) if isinstance(r, bytes) else decode_image(r) for r in raws]
+    return raws
 
 
 def _list_size(image: Any) -> tuple[int, int]:

@@ -41,7 +41,7 @@ from kiln.imaging import to_model_input
 from serving.admin import admin_token, require_admin
 from serving.agent.tools import Tool
 from serving.config import ServeConfig
-from serving.images import decode_image, decode_images
+from serving.images import check_image_budget, decode_image, decode_images
 from serving.model import LoadedModel
 from serving.repository import InferenceError, ModelRepository, TensorSpec
 from serving.routes import observed, task_model
@@ -660,13 +660,24 @@ def router(repo: ModelRepository) -> APIRouter:
     @api.post("/galleries/{name}/items")
     async def upsert_items(name: str, req: GalleryItems) -> dict:
         """Upsert items (an existing id is replaced); answers once they are flushed to Milvus."""
-        from serving.gallery.manager import Item
+        from serving.gallery.manager import MAX_ITEMS, Item
 
         g = host.get()
-        items = []
-        for i, it in enumerate(req.items):
-            kind, value = _one_query(it, f"items[{i}] ({it.id!r})")
-            items.append(Item(it.id, kind, value, it.metadata))
+        # Budgets before work (issue 16): the item count, then the images' pixels from their headers;
+        # the items are decoded off the event loop.
+        if len(req.items) > MAX_ITEMS:
+            raise InferenceError(400, f"{len(req.items)} items in one request; at most {MAX_ITEMS}")
+        budget = g.lookup(g.state(name)["model"]).settings.max_image_pixels
+        await check_image_budget([it.image for it in req.items if it.image is not None], budget, "items")
+
+        def decode() -> list[Item]:
+            items = []
+            for i, it in enumerate(req.items):
+                kind, value = _one_query(it, f"items[{i}] ({it.id!r})")
+                items.append(Item(it.id, kind, value, it.metadata))
+            return items
+
+        items = await asyncio.to_thread(decode)
         n = await g.upsert(name, items)
         return {"upserted": n, "ids": [it.id for it in items]}
 
