@@ -198,7 +198,9 @@ class Embedder(LoadedModel):
         if kind == "image":
             if "image" not in self.modality:
                 raise InferenceError(400, f"model {self.name!r} embeds {self.modality} only, not images")
-            x = np.concatenate([to_model_input(np.asarray(v)[None], self.image_size) for v in values])
+            x = await asyncio.to_thread(  # resizing up to max_image_pixels of images: off the event loop
+                lambda: np.concatenate([to_model_input(np.asarray(v)[None], self.image_size) for v in values])
+            )
             out = await self.infer({"images": x}, backend)
         elif kind == "text":
             if self.text_batcher is None:

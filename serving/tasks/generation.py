@@ -117,10 +117,10 @@ class Generator(LoadedModel):
 
     async def _run(self, loop, denoise, backend: str, rows: int) -> Any:
         # Admission control: the request is admitted once against the denoiser batcher's bounds, by its
-        # work (``rows``, with what the sampling loops in progress still have to run, must finish within
-        # the deadline at the measured rate); its steps are then never refused half-way, and the deadline
-        # ends it with a 504 before the gateway's timeout. While it runs it counts as in flight, so a
-        # reload or unload of the model waits for it.
+        # work (``rows``, with what the sampling loops in progress still have to run, must fit in half the
+        # deadline at the measured rate: serving.batching.ADMISSION_HEADROOM); its steps are then never
+        # refused half-way, and the deadline ends it with a 504 before the gateway's timeout. While it
+        # runs it counts as in flight, so a reload or unload of the model waits for it.
         deadline = self.settings.generation_deadline_s
         with self.batchers[backend].session(rows, budget_s=deadline), self.busy(), request_timeout(deadline):
             if self._exclusive is None:
