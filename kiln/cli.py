@@ -167,6 +167,15 @@ def serve(
     ),
     max_in_flight: Annotated[str | None, _option("--max-in-flight")] = _default("--max-in-flight"),
     drain_timeout_s: Annotated[float, _option("--drain-timeout-s", min=0)] = _default("--drain-timeout-s"),
+    max_text_chars: Annotated[int, _option("--max-text-chars", min=1)] = _default("--max-text-chars"),
+    max_image_pixels: Annotated[int, _option("--max-image-pixels", min=1)] = _default("--max-image-pixels"),
+    generation_deadline_s: Annotated[float, _option("--generation-deadline-s", min=0.001)] = _default(
+        "--generation-deadline-s"
+    ),
+    agent_max_tokens: Annotated[int, _option("--agent-max-tokens", min=1)] = _default("--agent-max-tokens"),
+    agent_max_nli_calls: Annotated[int, _option("--agent-max-nli-calls", min=1)] = _default(
+        "--agent-max-nli-calls"
+    ),
     model_config: Annotated[str | None, _option("--model-config")] = _default("--model-config"),
     model_repository: Annotated[str | None, _option("--model-repository")] = _default("--model-repository"),
     repository_poll_s: Annotated[float, _option("--repository-poll-s", min=0)] = _default(
@@ -202,6 +211,11 @@ def serve(
         "KILN_MAX_QUEUE_DELAY_MS": str(max_queue_delay_ms),
         "KILN_DRAIN_TIMEOUT_S": str(drain_timeout_s),
         "KILN_MAX_IN_FLIGHT": max_in_flight or "auto",
+        "KILN_MAX_TEXT_CHARS": str(max_text_chars),
+        "KILN_MAX_IMAGE_PIXELS": str(max_image_pixels),
+        "KILN_GENERATION_DEADLINE_S": str(generation_deadline_s),
+        "KILN_AGENT_MAX_TOKENS": str(agent_max_tokens),
+        "KILN_AGENT_MAX_NLI_CALLS": str(agent_max_nli_calls),
         "KILN_WORKERS": str(workers),
         "KILN_GENERATION_BATCHING": generation_batching,
         "KILN_LOG_LEVEL": log_level,

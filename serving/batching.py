@@ -11,15 +11,23 @@ request runs alone, in arrival order).
 
 Admission control (Triton's ``max_queue_size`` and queue policy, ``model_config.proto``): a request is
 refused at once with :class:`Overloaded` (HTTP 429 + ``Retry-After``, gRPC RESOURCE_EXHAUSTED) when
-``max_queue_size`` requests already wait, or when the estimated time it would wait — batches ahead of it
-times the recent batch time, over the instances — is over ``max_queue_delay_ms``. The estimate keeps
+``max_queue_size`` requests already wait, or when the estimated time it would wait — the rows ahead of it
+times the recent time per row, over the instances — is over ``max_queue_delay_ms``. The estimate is per
+row, not per batch, so one slow batch of many heavy rows does not make a later one-row request look
+expensive. The estimate keeps
 the queue short; the bound itself is enforced when a batch forms: a request that has waited longer is
 refused then (Triton's ``timeout_action: REJECT``). Requests whose client has gone (cancelled futures)
 or whose own deadline (:func:`request_timeout`) has passed leave the queue without being computed.
 
 A multi-step request (a diffusion sampler asking for ε once per step) is admitted once, by
-:meth:`AdaptiveBatcher.session`; its steps then queue without the checks, so an admitted request is
-never refused half-way.
+:meth:`AdaptiveBatcher.session`, by its work: the rows it will ask for, with the rows the sessions in
+progress still have to run, must finish within its deadline at the sessions' measured wall time per row
+(which counts the loop's own time between its steps, not only the runtime's). Its steps then queue
+without the checks, so an admitted request is never refused half-way.
+
+Isolation: a batch whose run fails is split in halves and each half re-run (bisection, as
+``torch.utils.data``-free servers such as Triton's dynamic batcher leave to the backend), so only the
+request whose rows make the runtime fail gets the error; the others in the batch complete.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import math
 import time
 from collections import deque
@@ -40,6 +49,8 @@ import numpy as np
 from serving import metrics
 from serving.repository import InferenceError
 
+log = logging.getLogger("kiln.serving")
+
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 # Defaults an operator would pick for CPU models whose batch computes in milliseconds: 256 waiting
@@ -48,10 +59,14 @@ RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 # also bounds how long a SIGTERM drain spends on queued work.
 DEFAULT_MAX_QUEUE_SIZE = 256
 DEFAULT_MAX_QUEUE_DELAY_MS = 1000.0
-_EWMA = 0.2  # weight of the newest batch in the batch-time estimate
+_EWMA = 0.2  # weight of the newest batch in the time-per-row estimate
+# Sessions are admitted while their estimated work fits in this fraction of their deadline: the rate is a
+# recent average, and a machine shared with other work changes speed by 2x within seconds (measured on
+# the 2-core CI machine under load: three admitted sampling loops estimated at 19.6 s took 22 s).
+ADMISSION_HEADROOM = 0.5
 
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("kiln_deadline", default=None)
-_ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("kiln_admitted", default=False)
+_SESSION: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("kiln_session", default=None)
 
 
 class Overloaded(InferenceError):
@@ -112,6 +127,13 @@ def timeout_parameter(parameters: dict[str, Any]) -> float | None:
 
 
 @dataclass(eq=False)
+class _Session:
+    """An admitted multi-step request: the rows it declared and has not submitted yet."""
+
+    remaining: int
+
+
+@dataclass(eq=False)
 class _Pending:
     inputs: dict[str, np.ndarray]
     size: int
@@ -164,10 +186,16 @@ class AdaptiveBatcher:
         self._free: asyncio.Semaphore | None = None
         self._worker: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
-        self._started: dict[asyncio.Task, float] = {}
+        self._started: dict[asyncio.Task, tuple[float, int]] = {}  # running batch → (start, rows)
         self._last_batch_requests = 0
-        self._batch_seconds: float | None = None  # EWMA of one batch's compute time
-        self._sessions = 0
+        self._row_seconds: float | None = None  # EWMA of compute time per row (batch time / its rows)
+        self._sessions: set[_Session] = set()
+        # Sessions' wall time per row: while any session is in progress, the time between session ends
+        # over the rows the sessions submitted meanwhile. Unlike the compute time per row it counts what a
+        # sampling loop spends between its steps too (the sampler's own arithmetic, the event loop).
+        self._session_row_seconds: float | None = None
+        self._session_mark: float | None = None  # start of the current measuring window
+        self._session_rows = 0  # rows submitted by sessions since the mark
         self._executor = ThreadPoolExecutor(
             max_workers=self.instances, thread_name_prefix=f"infer-{labels['model']}"
         )
@@ -175,26 +203,34 @@ class AdaptiveBatcher:
 
     # --- admission ------------------------------------------------------------------------------------
 
+    @property
+    def row_seconds(self) -> float | None:
+        """Recent compute time per row (None before any batch ran)."""
+        return self._row_seconds
+
     def estimated_wait(self) -> float:
         """Seconds a request joining now would wait before its batch starts (0 before any batch ran).
 
-        The batches ahead of it (what is queued, packed into batches of ``max_batch_size`` rows; a
-        request larger than that runs alone) times the recent batch time, over the instances, plus
-        the rest of the running batch when every instance is busy.
+        The rows queued ahead of it times the recent time per row, over the instances, plus the rest of
+        the running batch when every instance is busy (its rows times the time per row, less what it has
+        run already).
         """
-        if self._batch_seconds is None:
+        if self._row_seconds is None:
             return 0.0
-        rows = sum(min(p.size, self.max_batch_size) for p in self._queue)
-        wait = math.ceil(rows / self.max_batch_size) * self._batch_seconds / self.instances
+        rows = sum(p.size for p in self._queue)
+        wait = rows * self._row_seconds / self.instances
         if len(self._running) >= self.instances:  # every instance busy: until the first one frees
             now = time.monotonic()
-            wait += max(0.0, min(self._batch_seconds - (now - t) for t in self._started.values()))
+            wait += max(0.0, min(n * self._row_seconds - (now - t) for t, n in self._started.values()))
         return wait
 
-    def _refuse(self, reason: str, message: str) -> Overloaded:
+    def _refuse(self, reason: str, message: str, retry_after_s: float | None = None) -> Overloaded:
         metrics.REJECTED.labels(**self._labels, reason=reason).inc()
-        retry = max(self.estimated_wait(), self._batch_seconds or 0.0)
-        return Overloaded(f"model {self._labels['model']!r} is overloaded: {message}; retry later", retry)
+        if retry_after_s is None:
+            retry_after_s = max(self.estimated_wait(), (self._row_seconds or 0.0) * self.max_batch_size)
+        return Overloaded(
+            f"model {self._labels['model']!r} is overloaded: {message}; retry later", retry_after_s
+        )
 
     def admit(self, *, waiting: int | None = None) -> None:
         """Raise :class:`Overloaded` if a request may not join now (``waiting``: requests ahead of it)."""
@@ -213,21 +249,73 @@ class AdaptiveBatcher:
                     f"(max_queue_delay_ms {self.max_queue_delay * 1e3:g})",
                 )
 
+    @property
+    def session_rate(self) -> float | None:
+        """Wall seconds per row of sessions (measured), else the compute time per row over the instances."""
+        if self._session_row_seconds is not None:
+            return self._session_row_seconds
+        return None if self._row_seconds is None else self._row_seconds / self.instances
+
+    def session_work_seconds(self) -> float:
+        """Estimated seconds until the sessions in progress have run their remaining rows (0 before any
+        batch ran)."""
+        rate = self.session_rate
+        return 0.0 if rate is None else sum(s.remaining for s in self._sessions) * rate
+
+    def _measure_sessions(self) -> None:
+        """Close the current measuring window of session throughput (at a session's end)."""
+        now = time.monotonic()
+        if self._session_mark is not None and self._session_rows:
+            per_row = (now - self._session_mark) / self._session_rows
+            self._session_row_seconds = (
+                per_row
+                if self._session_row_seconds is None
+                else (_EWMA * per_row + (1 - _EWMA) * self._session_row_seconds)
+            )
+        self._session_mark = now if self._sessions else None
+        self._session_rows = 0
+
     @contextlib.contextmanager
-    def session(self) -> Iterator[None]:
+    def session(self, rows: int = 0, *, budget_s: float | None = None) -> Iterator[None]:
         """Admit one multi-step request (e.g. a sampling loop) against the bounds, once.
 
         Sessions in progress count as waiting requests; the steps submitted inside the block skip the
         admission checks, so a request that was admitted is never refused half-way.
+
+        Args:
+            rows: the rows the session will submit in all (e.g. images × steps × guidance rows).
+            budget_s: admit only if the rows the sessions in progress still have to run plus ``rows``
+                take at most :data:`ADMISSION_HEADROOM` of this at the sessions' measured wall time per
+                row (before any session ended: the compute time per row); else :class:`Overloaded` with
+                a ``Retry-After`` of when they would fit. A session that finds no other in progress is
+                admitted whatever its estimate: it waits for no one, the rate is an average over requests
+                of other sizes (a per-step cost spread over few rows overstates the cost of many), and its
+                deadline bounds it.
         """
-        self.admit(waiting=self._sessions)
-        self._sessions += 1
-        token = _ADMITTED.set(True)
+        self.admit(waiting=len(self._sessions))
+        rate = self.session_rate
+        if budget_s is not None and rate is not None and self._sessions:
+            ahead = self.session_work_seconds()
+            total = ahead + rows * rate
+            if total > budget_s * ADMISSION_HEADROOM:
+                raise self._refuse(
+                    "work",
+                    f"{len(self._sessions)} requests in progress still need about {ahead:.1f} s; with this "
+                    f"one's {rows} rows it would take about {total:.1f} s, over the "
+                    f"{budget_s * ADMISSION_HEADROOM:g} s admitted within its {budget_s:g} s deadline",
+                    max(total - budget_s * ADMISSION_HEADROOM, rate),
+                )
+        session = _Session(rows)
+        if not self._sessions:
+            self._session_mark, self._session_rows = time.monotonic(), 0
+        self._sessions.add(session)
+        token = _SESSION.set(session)
         try:
             yield
         finally:
-            _ADMITTED.reset(token)
-            self._sessions -= 1
+            _SESSION.reset(token)
+            self._sessions.discard(session)
+            self._measure_sessions()
 
     # --- requests -------------------------------------------------------------------------------------
 
@@ -244,7 +332,11 @@ class AdaptiveBatcher:
             self._free = asyncio.Semaphore(self.instances)
             self._worker = loop.create_task(self._serve())
         size = len(next(iter(inputs.values())))
-        admitted = _ADMITTED.get()
+        session = _SESSION.get()
+        admitted = session is not None
+        if admitted:
+            session.remaining = max(0, session.remaining - size)
+            self._session_rows += size
         deadline = _DEADLINE.get()
         now = time.monotonic()
         if deadline is not None and now >= deadline:
@@ -292,7 +384,11 @@ class AdaptiveBatcher:
                     self._free.release()
                     break
                 deadline = self._queue[0].enqueued + (self.window if concurrent else 0.0)
-                while self._queued_samples() < self.max_batch_size and time.monotonic() < deadline:
+                while (
+                    self._queued_samples() < self.max_batch_size
+                    and time.monotonic() < deadline
+                    and not self._every_session_queued()
+                ):
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), deadline - time.monotonic())
                     except asyncio.TimeoutError:
@@ -305,7 +401,7 @@ class AdaptiveBatcher:
                 self._last_batch_requests = len(batch)
                 task = loop.create_task(self._execute(loop, batch, total))
                 self._running.add(task)
-                self._started[task] = time.monotonic()
+                self._started[task] = (time.monotonic(), total)
                 task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task) -> None:
@@ -358,6 +454,13 @@ class AdaptiveBatcher:
         if reason:
             metrics.DROPPED.labels(**self._labels, reason=reason).inc()
 
+    def _every_session_queued(self) -> bool:
+        """Every sampling loop in progress has its next step queued: no one else will join this batch
+        (only sessions feed a step-batched model), so waiting out the window would only add latency."""
+        if not self._sessions:
+            return False
+        return sum(1 for p in self._queue if p.admitted) >= len(self._sessions)
+
     def _queued_samples(self) -> int:
         return sum(p.size for p in self._queue)
 
@@ -367,29 +470,51 @@ class AdaptiveBatcher:
             metrics.QUEUE_SECONDS.labels(**self._labels).observe(start - p.enqueued)
         run = self._idle.pop()
         try:
-            if len(batch) == 1:
-                merged = batch[0].inputs
-            else:
-                merged = {k: np.concatenate([p.inputs[k] for p in batch]) for k in batch[0].inputs}
-            outputs = await loop.run_in_executor(self._executor, run, merged)
-        except Exception as exc:  # noqa: BLE001 - every waiting request must hear about the failure
-            err = InferenceError(500, f"inference failed in {self._labels['backend']}: {exc}")
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(err)
-            return
+            await self._run_group(loop, run, batch)
         finally:
             self._idle.append(run)
+
+    async def _run_group(self, loop: asyncio.AbstractEventLoop, run: RunFn, group: list[_Pending]) -> None:
+        """Run ``group`` as one batch and hand each request its rows; if the run fails, bisect: each
+        half runs again on its own, down to the single request that fails (it alone gets the error)."""
+        group = [p for p in group if not p.future.done()]  # gone or past its deadline: not re-run
+        if not group:
+            return
+        total = sum(p.size for p in group)
+        start = time.monotonic()
+        try:
+            if len(group) == 1:
+                merged = group[0].inputs
+            else:
+                merged = {k: np.concatenate([p.inputs[k] for p in group]) for k in group[0].inputs}
+            outputs = await loop.run_in_executor(self._executor, run, merged)
+        except Exception as exc:  # noqa: BLE001 - every waiting request must hear about the failure
+            if len(group) > 1:
+                metrics.BATCH_SPLITS.labels(**self._labels).inc()
+                log.warning(
+                    "a batch of %d requests failed in %s (%s); re-running it in halves",
+                    len(group), self._labels["backend"], exc,
+                )  # fmt: skip
+                half = len(group) // 2
+                await self._run_group(loop, run, group[:half])
+                await self._run_group(loop, run, group[half:])
+                return
+            err = InferenceError(500, f"inference failed in {self._labels['backend']}: {exc}")
+            if not group[0].future.done():
+                group[0].future.set_exception(err)
+            return
         seconds = time.monotonic() - start
-        self._batch_seconds = (
-            seconds if self._batch_seconds is None else (_EWMA * seconds + (1 - _EWMA) * self._batch_seconds)
-        )
+        if total:
+            per_row = seconds / total
+            self._row_seconds = (
+                per_row if self._row_seconds is None else (_EWMA * per_row + (1 - _EWMA) * self._row_seconds)
+            )
         metrics.COMPUTE_SECONDS.labels(**self._labels).observe(seconds)
         metrics.EXEC_COUNT.labels(**self._labels).inc()
         metrics.INFERENCE_COUNT.labels(**self._labels).inc(total)
         metrics.BATCH_SIZE.labels(**self._labels).observe(total)
         offset = 0
-        for p in batch:
+        for p in group:
             if not p.future.done():  # the client may have gone away, or its deadline passed
                 p.future.set_result({k: v[offset : offset + p.size] for k, v in outputs.items()})
             offset += p.size

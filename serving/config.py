@@ -11,6 +11,10 @@ override them per model, as Triton's per-model ``config.pbtxt`` does::
       max_queue_size: 64
       max_queue_delay_ms: 500
       instances: 2          # batches computed at once, each on its own runtime
+    diffusion-digits:
+      generation_deadline_s: 30   # sampling requests that would not finish by then: 429 at arrival
+    xbt-new-text:
+      max_text_chars: 1000  # longest text per input, checked before tokenising
 
 Bad values raise :class:`ConfigError` at start-up with a message saying how to fix them.
 
@@ -129,11 +133,44 @@ SETTINGS: tuple[Setting, ...] = (
         "requests meanwhile) before it exits anyway.",
     ),
     Setting(
+        "KILN_MAX_TEXT_CHARS",
+        "--max-text-chars",
+        2000,
+        "Work budget: longest text per input of a text model (/embed, /v1/embeddings, OIP BYTES), in "
+        "characters, checked before tokenising; longer gets HTTP 400.",
+    ),
+    Setting(
+        "KILN_MAX_IMAGE_PIXELS",
+        "--max-image-pixels",
+        16 * 1024 * 1024,
+        "Work budget: pixels of all images in one request, read from the PNG/JPEG headers before any is "
+        "decoded; more gets HTTP 400.",
+    ),
+    Setting(
+        "KILN_GENERATION_DEADLINE_S",
+        "--generation-deadline-s",
+        50.0,
+        "Sampling requests (/generate, /invert, /reconstruct): admitted beside the ones in progress only if "
+        "all would finish within half of this at the measured sampling rate (else HTTP 429 with Retry-After "
+        "at arrival), and answered 504 at it. Keep it below the gateway's 60 s timeout.",
+    ),
+    Setting(
+        "KILN_AGENT_MAX_TOKENS", "--agent-max-tokens", 1024, "The agent: most completion tokens per LLM call."
+    ),
+    Setting(
+        "KILN_AGENT_MAX_NLI_CALLS",
+        "--agent-max-nli-calls",
+        16,
+        "The agent: most NLI judgments (IEP's candidate checks) per question; more candidates than that are "
+        "cut to the most plausible ones.",
+    ),
+    Setting(
         "KILN_MODEL_CONFIG",
         "--model-config",
         None,
         "YAML or JSON file of per-model settings (backend, batch_max_size, batch_window_ms, max_queue_size, "
-        "max_queue_delay_ms, instances) by model name; the flags above are the defaults.",
+        "max_queue_delay_ms, instances, max_text_chars, max_image_pixels, generation_deadline_s) by model "
+        "name; the flags above are the defaults.",
         shown="none",
     ),
     Setting(
@@ -277,6 +314,9 @@ def _number(name: str, default, minimum, cast=int):
     return value
 
 
+_INTEGER_SETTINGS = ("batch_max_size", "max_queue_size", "instances", "max_text_chars", "max_image_pixels")
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """How one model is served: its default runtime, batching, queue bounds and instance count."""
@@ -287,6 +327,14 @@ class ModelSettings:
     max_queue_size: int  # requests waiting; more get 429 / RESOURCE_EXHAUSTED (Triton's max_queue_size)
     max_queue_delay_ms: float  # longest a request may wait in the queue; 0 = no time bound
     instances: int = 1  # batches computed concurrently, each on its own runtime (Triton's instance_group)
+    # Work budgets, checked before anything is decoded or computed (issue 16):
+    max_text_chars: int = 2000  # characters per text input (/embed, /v1/embeddings, OIP BYTES)
+    max_image_pixels: int = 16 * 1024 * 1024  # pixels of all images in one request (64 MiB as float32)
+    # A sampling request is admitted beside the ones in progress only if all would finish within half of
+    # this at the measured sampling rate (serving.batching.ADMISSION_HEADROOM), and is answered 504 at it:
+    # below the gateway's 60 s (BentoML's traffic timeout), so a client hears 429 at arrival or 504 from
+    # Kiln, never the gateway's timeout.
+    generation_deadline_s: float = 50.0
     explicit: frozenset[str] = field(default=frozenset(), compare=False)  # keys set for this model
 
     def __post_init__(self) -> None:
@@ -298,15 +346,18 @@ class ModelSettings:
             ("max_queue_size", 1),
             ("max_queue_delay_ms", 0),
             ("instances", 1),
+            ("max_text_chars", 1),
+            ("max_image_pixels", 1),
+            ("generation_deadline_s", 0.001),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
-            if name in ("batch_max_size", "max_queue_size", "instances") and value != int(value):
+            if name in _INTEGER_SETTINGS and value != int(value):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
             if value < minimum:
                 raise ConfigError(f"{name}={value} must be >= {minimum}")
-            if name in ("batch_max_size", "max_queue_size", "instances"):
+            if name in _INTEGER_SETTINGS:
                 object.__setattr__(self, name, int(value))
 
 
@@ -406,6 +457,13 @@ class ServeConfig:
     # Requests in progress per worker (HTTP + gRPC) before the edge answers 429 without reading the body;
     # 0 = no bound, None = what the served models hold (see edge_bound).
     max_in_flight: int | None = None
+    # Every model's work budgets (ModelSettings has the meaning; per-model overrides win).
+    max_text_chars: int = 2000
+    max_image_pixels: int = 16 * 1024 * 1024
+    generation_deadline_s: float = 50.0
+    # The agent (/agent/solve): most completion tokens per LLM call, and NLI judgments per question.
+    agent_max_tokens: int = 1024
+    agent_max_nli_calls: int = 16
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> overrides
     # A Triton model repository served beside the model-store models (serving.triton); "" = none.
     model_repository: str = ""
@@ -438,6 +496,9 @@ class ServeConfig:
             batch_window_ms=self.batch_window_ms,
             max_queue_size=self.max_queue_size,
             max_queue_delay_ms=self.max_queue_delay_ms,
+            max_text_chars=self.max_text_chars,
+            max_image_pixels=self.max_image_pixels,
+            generation_deadline_s=self.generation_deadline_s,
         )
         overrides = self.model_settings.get(model, {})
         try:
@@ -493,6 +554,15 @@ class ServeConfig:
             ),
             drain_timeout_s=_number("KILN_DRAIN_TIMEOUT_S", default_of("KILN_DRAIN_TIMEOUT_S"), 0.0, float),
             max_in_flight=_max_in_flight(),
+            max_text_chars=_number("KILN_MAX_TEXT_CHARS", default_of("KILN_MAX_TEXT_CHARS"), 1),
+            max_image_pixels=_number("KILN_MAX_IMAGE_PIXELS", default_of("KILN_MAX_IMAGE_PIXELS"), 1),
+            generation_deadline_s=_number(
+                "KILN_GENERATION_DEADLINE_S", default_of("KILN_GENERATION_DEADLINE_S"), 0.001, float
+            ),
+            agent_max_tokens=_number("KILN_AGENT_MAX_TOKENS", default_of("KILN_AGENT_MAX_TOKENS"), 1),
+            agent_max_nli_calls=_number(
+                "KILN_AGENT_MAX_NLI_CALLS", default_of("KILN_AGENT_MAX_NLI_CALLS"), 1
+            ),
             model_settings=load_model_settings(
                 os.environ.get("KILN_MODEL_CONFIG"), os.environ.get("KILN_MODEL_SETTINGS")
             ),

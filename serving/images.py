@@ -1,11 +1,17 @@
 """Images at the edge of the task endpoints: a nested list or a base64 PNG/JPEG → a grayscale array.
 
-Shared by every task that takes an image (``/classify``, ``/invert``, the gallery endpoints). Bad input
-raises :class:`~serving.repository.InferenceError` 400 naming the problem.
+Shared by every task that takes an image (``/classify``, ``/invert``, ``/embed``, the gallery
+endpoints). Bad input raises :class:`~serving.repository.InferenceError` 400 naming the problem.
+
+Work budgets before work (issue 16): :func:`decode_images` checks the count first, then the pixels of
+every image — read from the PNG/JPEG headers (or a nested list's dimensions) — against the request's
+budget, and only then decodes any of them, in a worker thread: a body of many small compressed images
+can not inflate to gigabytes of float32 on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -20,10 +26,72 @@ MAX_IMAGE_SIDE = 1024
 _FORMATS = ("PNG", "JPEG")  # the decoders PIL may use; no exotic formats from untrusted input
 
 
+async def decode_images(
+    images: list[Any], max_pixels: int, what: str = "images", max_items: int | None = None
+) -> list[np.ndarray]:
+    """:func:`decode_image` of each, within budgets checked before any is decoded, off the event loop.
+
+    Args:
+        images: nested lists or base64 PNG/JPEG strings.
+        max_pixels: most pixels of all the images together (the model's ``max_image_pixels``).
+        what: the request field, for the messages.
+        max_items: most images (checked first, before anything else is looked at).
+
+    Raises:
+        InferenceError: 400 naming the budget that is exceeded or the image that is bad.
+    """
+    if max_items is not None and len(images) > max_items:
+        raise InferenceError(400, f"{len(images)} {what}; at most {max_items} per request")
+    return await asyncio.to_thread(_decode_within, images, max_pixels, what)
+
+
+async def check_image_budget(images: list[Any], max_pixels: int, what: str = "images") -> None:
+    """Refuse (400) ``images`` whose pixels together, read from their headers, exceed ``max_pixels``,
+    without decoding any (off the event loop): for callers that decode later, one image at a time."""
+    await asyncio.to_thread(_within_budget, images, max_pixels, what)
+
+
+def _decode_within(images: list[Any], max_pixels: int, what: str) -> list[np.ndarray]:
+    raws = _within_budget(images, max_pixels, what)
+    return [_decode_bytes(r) if isinstance(r, bytes) else decode_image(r) for r in raws]
+
+
+def _within_budget(images: list[Any], max_pixels: int, what: str) -> list[Any]:
+    """The images' raw forms (PNG/JPEG bytes or the nested list), once their pixels fit the budget."""
+    raws: list[Any] = []
+    total = 0
+    for i, image in enumerate(images):
+        if isinstance(image, str):
+            raw = _base64(image)
+            width, height = _header_size(raw)
+        else:
+            raw = image
+            height, width = _list_size(image)
+        total += width * height
+        if total > max_pixels:
+            raise InferenceError(
+                400,
+                f"{what}: the first {i + 1} images hold {total} pixels; at most {max_pixels} per request "
+                "(max_image_pixels)",
+            )
+        raws.append(raw)
+    return raws
+
+
+def _list_size(image: Any) -> tuple[int, int]:
+    """(H, W) of a nested list as its outer lengths (a 1×H×W list counts its inner image); decode_image
+    checks the shape itself."""
+    rows = image[0] if isinstance(image, list) and len(image) == 1 and isinstance(image[0], list) else image
+    if not isinstance(rows, list) or not rows:
+        return 0, 0
+    first = rows[0]
+    return len(rows), len(first) if isinstance(first, list) else 1
+
+
 def decode_image(image: Any) -> np.ndarray:
     """A nested list (H×W, values in [0, 1], ink = 1) or a base64 PNG/JPEG → (H, W) float32 in [0, 1]."""
     if isinstance(image, str):
-        return _decode_png_jpeg(image)
+        return _decode_bytes(_base64(image))
     try:
         arr = np.asarray(image, dtype=np.float32)
     except (ValueError, TypeError):
@@ -43,8 +111,32 @@ def decode_image(image: Any) -> np.ndarray:
     return arr
 
 
-def _decode_png_jpeg(text: str) -> np.ndarray:
-    """A base64 PNG/JPEG → (H, W) float32 in [0, 1]; every way the bytes can be bad is a 400.
+def _base64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InferenceError(400, f"`image` is a string but not valid base64: {exc}") from None
+
+
+def _header_size(raw: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG/JPEG header, without decoding a pixel."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw), formats=_FORMATS) as im:
+                return im.size
+    except UnidentifiedImageError:
+        raise InferenceError(400, "`image` is base64 but not a PNG/JPEG image PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InferenceError(400, f"`image` is too large to decode: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InferenceError(400, f"`image` is a truncated or corrupt PNG/JPEG: {exc}") from None
+
+
+def _decode_bytes(raw: bytes) -> np.ndarray:
+    """PNG/JPEG bytes → (H, W) float32 in [0, 1]; every way the bytes can be bad is a 400.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb (a small
     file that inflates to billions of pixels) is refused without inflating it; PIL's own bomb check
@@ -53,10 +145,6 @@ def _decode_png_jpeg(text: str) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InferenceError(400, f"`image` is a string but not valid base64: {exc}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, don't just log

@@ -74,7 +74,8 @@ MODEL_READY = prometheus_client.Gauge(
 REJECTED = prometheus_client.Counter(
     name="kiln_inference_rejected_total",
     documentation="Requests refused because the model's queue was full (HTTP 429 / gRPC RESOURCE_EXHAUSTED), "
-    "by reason: queue_full (max_queue_size) or queue_delay (max_queue_delay_ms)",
+    "by reason: queue_full (max_queue_size), queue_delay (max_queue_delay_ms) or work (a sampling request "
+    "that would not finish within its deadline at the measured denoiser rate)",
     labelnames=[*_LABELS, "reason"],
 )
 DROPPED = prometheus_client.Counter(
@@ -86,6 +87,11 @@ DROPPED = prometheus_client.Counter(
 TIMEOUTS = prometheus_client.Counter(
     name="kiln_inference_timeouts_total",
     documentation="Requests answered HTTP 504 / gRPC DEADLINE_EXCEEDED because their own timeout passed",
+    labelnames=_LABELS,
+)
+BATCH_SPLITS = prometheus_client.Counter(
+    name="kiln_inference_batch_splits_total",
+    documentation="Failed batches re-run in halves so that only the request that fails gets the error",
     labelnames=_LABELS,
 )
 QUEUE_SIZE = prometheus_client.Gauge(

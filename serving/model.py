@@ -8,10 +8,11 @@ change how requests are scheduled onto the runtime (``batch_max_size``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -199,10 +200,35 @@ class LoadedModel:
             )
         return backend
 
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        """Refuse (400, naming the problem) inputs that would make the runtime fail: a request's rows
+        share a batch with other requests', so what one request gets wrong must be caught here, before it
+        is queued, not as a failed batch. Tasks add their models' value ranges (labels, time steps,
+        text); names, datatypes, shapes and finiteness of protocol requests are checked by the codec.
+        """
+        rows = {name: (a.shape[0] if a.ndim else None) for name, a in inputs.items()}
+        if None in rows.values() or len(set(rows.values())) > 1:
+            raise InferenceError(
+                400,
+                f"model {self.name!r}: every input needs the same batch size (first dimension); got "
+                + ", ".join(f"{k}: {v if v is not None else 'a scalar'}" for k, v in rows.items()),
+            )
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Count a request of several ``infer`` calls (a sampling loop) as in flight for its whole
+        length, so a reload, unload or drain waits for it and not only for the step computing now."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
     async def infer(self, inputs: dict[str, np.ndarray], backend: str | None = None) -> dict[str, np.ndarray]:
         batcher = self.batchers.get(self.resolve_backend(backend))
         if batcher is None:
             raise InferenceError(503, f"model {self.name!r} version {self.version!r} was unloaded")
+        self.check_inputs(inputs)
         self.in_flight += 1  # an unload waits for this to reach 0 before closing the batchers
         start, ok = time.perf_counter_ns(), False
         try:

@@ -18,6 +18,10 @@ import numpy as np
 
 log = logging.getLogger("kiln.serving")
 
+# Longest a reload or unload waits for the requests inside the old copy: the gateway's request timeout
+# (BentoML's traffic timeout in serving/service.py), which no request outlives.
+DRAIN_SECONDS = 60.0
+
 
 class InferenceError(Exception):
     """A request the server refuses, with the HTTP status that names the class of problem.
@@ -66,7 +70,7 @@ class ServedModel(Protocol):
     labels: list[str]  # class names of a classifier's outputs ([] when it has none)
     stats: Any  # serving.model.ModelStats: Triton-style statistics
     loaded_at: float  # time.time() when it finished loading
-    in_flight: int  # requests inside infer() right now
+    in_flight: int  # requests inside the model right now: infer() calls and sampling loops in progress
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
@@ -223,7 +227,9 @@ class ModelRepository:
             await self._drain_and_close(old)
         return model
 
-    async def unload(self, name: str, version: str = "", *, drain_seconds: float = 30.0) -> list[str]:
+    async def unload(
+        self, name: str, version: str = "", *, drain_seconds: float = DRAIN_SECONDS
+    ) -> list[str]:
         """Unload every version of ``name`` (or one ``version``); returns the versions unloaded.
 
         New requests stop reaching the model at once; requests already inside it finish (up to
@@ -261,8 +267,9 @@ class ModelRepository:
         return gone
 
     @staticmethod
-    async def _drain_and_close(model: ServedModel, drain_seconds: float = 30.0) -> None:
-        """Wait (up to ``drain_seconds``) for the requests inside ``model`` to finish, then close it."""
+    async def _drain_and_close(model: ServedModel, drain_seconds: float = DRAIN_SECONDS) -> None:
+        """Wait (up to ``drain_seconds``) for the requests inside ``model`` to finish (sampling loops in
+        progress included: they count in ``in_flight`` from admission to their last step), then close it."""
         deadline = time.monotonic() + drain_seconds
         while model.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

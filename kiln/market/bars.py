@@ -53,6 +53,10 @@ __all__ = [
 
 COLUMNS = ("open", "high", "low", "close", "volume")
 GAP_POLICIES = ("keep", "fill", "error")
+# Timestamps Kiln accepts: well inside pandas' nanosecond range (1677-09-21 .. 2262-04-11), so the
+# calendar arithmetic after the last bar (filled gaps, a forecast's future bars) never overflows.
+EARLIEST = pd.Timestamp("1800-01-01")
+LATEST = pd.Timestamp("2200-01-01")
 # Bar spacings Kiln recognises, by name; the forecaster of a frequency is chosen by this name.
 FREQUENCIES: dict[str, pd.Timedelta] = {
     "1min": pd.Timedelta(minutes=1),
@@ -131,7 +135,14 @@ def _parse_times(raw: pd.Series) -> pd.DatetimeIndex:
             raise BarsError(f"timestamp is missing in bar {int(np.flatnonzero(np.isnan(values))[0])}")
         magnitude = np.nanmedian(np.abs(values))
         unit = "s" if magnitude < 1e11 else "ms" if magnitude < 1e14 else "us" if magnitude < 1e17 else "ns"
-        times = pd.DatetimeIndex(pd.to_datetime(values, unit=unit, utc=True))
+        try:
+            times = pd.DatetimeIndex(pd.to_datetime(values, unit=unit, utc=True))
+        except (ValueError, OverflowError):  # pandas' OutOfBoundsDatetime is a ValueError
+            i = int(np.argmax(np.abs(values)))
+            raise BarsError(
+                f"timestamp {values[i]:g} in bar {i} is out of range as epoch {unit} "
+                f"(timestamps must lie between {EARLIEST.year} and {LATEST.year})"
+            ) from None
     else:
         text = raw.astype("string")
         try:
@@ -143,6 +154,14 @@ def _parse_times(raw: pd.Series) -> pd.DatetimeIndex:
         raise BarsError(f"timestamp is missing in bar {int(np.flatnonzero(times.isna())[0])}")
     if times.tz is not None:
         times = times.tz_convert("UTC")
+    naive = times.tz_localize(None) if times.tz is not None else times
+    out = (naive < EARLIEST) | (naive >= LATEST)
+    if out.any():  # the calendar arithmetic (gaps, the forecast's future bars) must not overflow
+        i = int(np.flatnonzero(out)[0])
+        raise BarsError(
+            f"timestamp {times[i].isoformat()} in bar {i} is out of range "
+            f"(timestamps must lie between {EARLIEST.year} and {LATEST.year})"
+        )
     return times
 
 
@@ -240,9 +259,17 @@ def bundled_bars(name: str) -> pd.DataFrame:
 
 
 def validate_bars(
-    bars: pd.DataFrame, *, gaps: str = "keep", max_gap: int = 48, min_bars: int = 2
+    bars: pd.DataFrame,
+    *,
+    gaps: str = "keep",
+    max_gap: int = 48,
+    min_bars: int = 2,
+    max_bars: int | None = None,
 ) -> tuple[pd.DataFrame, Calendar]:
     """Check a frame of bars and apply the gap policy.
+
+    ``max_bars`` bounds the bars given and, under ``gaps="fill"``, the bars after filling: the gaps are
+    counted (and refused past the bound) before any filled bar is made.
 
     Returns:
         The bars (float64, increasing timestamps; with filled bars under ``gaps="fill"``) and their calendar.
@@ -263,6 +290,8 @@ def validate_bars(
     bars.index = bars.index.as_unit("ns")  # pandas may hold µs; every spacing below is in ns
     if len(bars) < min_bars:
         raise BarsError(f"{len(bars)} bars given; at least {min_bars} are needed")
+    if max_bars is not None and len(bars) > max_bars:
+        raise BarsError(f"{len(bars)} bars given; at most {max_bars} are accepted")
     stamp = bars.index
 
     def where(i: int) -> str:
@@ -295,7 +324,7 @@ def validate_bars(
             i = int(np.flatnonzero(out)[0])
             raise BarsError(f"{name} {col[i]:g} outside [low, high] = [{lo[i]:g}, {h[i]:g}] in {where(i)}")
     calendar = detect_calendar(stamp)
-    return _apply_gap_policy(bars, calendar, gaps, max_gap), calendar
+    return _apply_gap_policy(bars, calendar, gaps, max_gap, max_bars), calendar
 
 
 # --- calendars ---------------------------------------------------------------------------------------------
@@ -385,7 +414,9 @@ def future_timestamps(last: pd.Timestamp, calendar: Calendar, horizon: int) -> l
     return out
 
 
-def _apply_gap_policy(bars: pd.DataFrame, calendar: Calendar, gaps: str, max_gap: int) -> pd.DataFrame:
+def _apply_gap_policy(
+    bars: pd.DataFrame, calendar: Calendar, gaps: str, max_gap: int, max_bars: int | None
+) -> pd.DataFrame:
     stamp = bars.index
     if calendar.frequency == "monthly":
         return bars  # months are never "missing" in a way the calendar can tell from irregular month lengths
@@ -405,6 +436,13 @@ def _apply_gap_policy(bars: pd.DataFrame, calendar: Calendar, gaps: str, max_gap
         if missing > max_gap:
             raise BarsError(f"gap too long: {what}; at most {max_gap} missing bars are accepted (max_gap)")
         fills.append((int(i), missing))
+    if gaps == "fill" and max_bars is not None:
+        total = len(bars) + sum(m for _, m in fills)
+        if total > max_bars:
+            raise BarsError(
+                f"filling the {len(fills)} gaps would make {total} bars; at most {max_bars} are accepted "
+                "(send fewer bars, or gaps='keep')"
+            )
     if gaps != "fill" or not fills:
         return bars
     extra = []

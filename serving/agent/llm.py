@@ -55,6 +55,7 @@ class LLMConfig:
     api_key: str = "none"
     timeout: float = 60.0
     max_retries: int = 2
+    max_tokens: int = 1024  # completion tokens per call (ServeConfig.agent_max_tokens)
 
     @classmethod
     def from_env(cls) -> LLMConfig | None:
@@ -147,6 +148,7 @@ class LLM:
             "model": self.config.model,
             "messages": messages,
             "temperature": temperature,
+            "max_tokens": self.config.max_tokens,  # a bound on every call's work, whatever the prompt asks
         }
         if tools:
             kwargs["tools"] = tools

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ from serving.agent.store import MiniLMEmbedder, SQLiteTrajectoryStore
 from serving.agent.strategies import STRATEGIES
 from serving.agent.strategies.base import AgentError, Problem, Run
 from serving.agent.tools import Tool
+from serving.config import ServeConfig
 from serving.repository import InferenceError, ModelRepository
 
 log = logging.getLogger("kiln.serving")
@@ -90,7 +92,11 @@ class _Agent:
     def __init__(self, repo: ModelRepository):
         from bentoml._internal.context import server_context
 
+        limits = ServeConfig.from_env()  # the agent's work budgets: agent_max_tokens, agent_max_nli_calls
+        self.max_nli_calls = limits.agent_max_nli_calls
         config = LLMConfig.from_env()  # raises LLMConfigError at start-up for bad settings
+        if config is not None:
+            config = dataclasses.replace(config, max_tokens=limits.agent_max_tokens)
         self.llm = LLM(config) if config is not None else None
         # BentoML's CLI process imports the service to read its definition before the workers import it:
         # say it once, from the worker that serves (the CLI process still checks the settings above).
@@ -184,9 +190,15 @@ def router(repo: ModelRepository) -> APIRouter:
         """Answer a question with chain-of-thought, IEP or IEP+CoT, optionally calling Kiln's tools."""
         llm = agent.require_llm()
         problem = Problem(req.question, req.options, req.context, agent.select(req.tools))
+        if req.strategy != "cot" and req.options and len(req.options) > agent.max_nli_calls:
+            raise InferenceError(  # checked before any LLM call: one NLI judgment per option at least
+                400,
+                f"{len(req.options)} options need at least {len(req.options)} NLI judgments with strategy "
+                f"{req.strategy!r}; at most {agent.max_nli_calls} per question (agent_max_nli_calls)",
+            )
         if not req.stream:
             try:
-                return await _solve(req, Run(llm), problem)
+                return await _solve(req, Run(llm, max_nli_calls=agent.max_nli_calls), problem)
             except AgentError as exc:
                 return _error(exc)
 
@@ -198,7 +210,8 @@ def router(repo: ModelRepository) -> APIRouter:
 
         async def produce() -> None:
             try:
-                result = await _solve(req, Run(llm, emit, stream_tokens=True), problem)
+                run = Run(llm, emit, stream_tokens=True, max_nli_calls=agent.max_nli_calls)
+                result = await _solve(req, run, problem)
                 await queue.put(_sse("result", result.model_dump()))
             except AgentError as exc:
                 await queue.put(_sse("error", {"error": exc.message, "status": exc.status}))

@@ -1,7 +1,8 @@
 """The image-classification task: ``POST /classify`` over a loaded classifier.
 
-Decodes the image at the edge (:func:`serving.images.decode_image`), resizes it to the model's input the
-same way training did, runs the logits through the model's batcher and returns softmax probabilities.
+Decodes the image at the edge (:func:`serving.images.decode_images`: its pixels checked from the header,
+decoded off the event loop), resizes it to the model's input the same way training did, runs the logits
+through the model's batcher and returns softmax probabilities.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from kiln.imaging import to_model_input
 from serving.agent.tools import Tool
-from serving.images import decode_image
+from serving.images import decode_images
 from serving.model import LoadedModel
 from serving.repository import ModelRepository
 from serving.routes import observed, task_model
@@ -62,7 +63,8 @@ async def classify_image(repo: ModelRepository, req: ClassifyRequest) -> Classif
         served = task_model(repo, Classifier, req.model, req.version)
         chosen = served.resolve_backend(req.backend or None)
         labels.update(model=served.name, version=served.version, backend=chosen)
-        pred, probs = await served.classify(decode_image(req.image)[None], chosen)
+        (image,) = await decode_images([req.image], served.settings.max_image_pixels, "image")
+        pred, probs = await served.classify(image[None], chosen)
     names = served.labels or [str(i) for i in range(probs.shape[1])]
     return ClassifyResponse(
         label=names[int(pred[0])],

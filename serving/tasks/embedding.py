@@ -44,7 +44,7 @@ from serving.admin import admin_token, require_admin, require_write
 from serving.agent.tools import Tool
 from serving.config import ServeConfig
 from serving.gallery.store import KEY_PATTERN, MAX_ID_LENGTH, MAX_NAME_LENGTH
-from serving.images import decode_image
+from serving.images import check_image_budget, decode_image, decode_images
 from serving.model import LoadedModel
 from serving.repository import InferenceError, ModelRepository, TensorSpec
 from serving.routes import observed, task_model
@@ -53,7 +53,32 @@ log = logging.getLogger("kiln.serving.embedding")
 
 _RO_HINT = "give the server a writable KILN_HOME or KILN_MILVUS_URI (a Milvus server)"
 MAX_INPUTS = 256  # texts or images per /embed or /v1/embeddings request
-MAX_TEXT_CHARS = 2000
+
+
+def check_texts(texts: list[Any], limit: int, what: str = "`texts`") -> list[str]:
+    """Texts as ``str``: UTF-8 (BYTES elements are decoded here, at the edge, not in the batch) and at
+    most ``limit`` characters each, checked before anything is tokenised.
+
+    Raises:
+        InferenceError: 400 naming the first text that is not valid UTF-8, empty, or too long.
+    """
+    out = []
+    for i, t in enumerate(texts):
+        if isinstance(t, bytes):
+            try:
+                t = t.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InferenceError(400, f"{what}[{i}] is not valid UTF-8: {exc}") from None
+        elif not isinstance(t, str):
+            raise InferenceError(400, f"{what}[{i}] must be a string, got {type(t).__name__}")
+        if not t.strip():
+            raise InferenceError(400, f"{what}[{i}] is an empty string")
+        if len(t) > limit:
+            raise InferenceError(
+                400, f"{what}[{i}] has {len(t)} characters; at most {limit} per text (max_text_chars)"
+            )
+        out.append(t)
+    return out
 
 
 def _normalize(z: np.ndarray) -> np.ndarray:
@@ -135,6 +160,13 @@ class Embedder(LoadedModel):
             ]
             self.text_batcher = self.batchers["pytorch"]
 
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        """Over the Open Inference Protocol a text model's ``text`` elements must be UTF-8 of at most
+        ``max_text_chars`` characters: one bad text must not fail the batch it shares with others."""
+        super().check_inputs(inputs)
+        if "text" in inputs and "image" not in self.modality:
+            check_texts(list(inputs["text"].reshape(-1)), self.settings.max_text_chars, "input 'text'")
+
     # --- spaces --------------------------------------------------------------------------------
 
     def how(self, space: str) -> str | None:
@@ -170,12 +202,15 @@ class Embedder(LoadedModel):
         if kind == "image":
             if "image" not in self.modality:
                 raise InferenceError(400, f"model {self.name!r} embeds {self.modality} only, not images")
-            x = np.concatenate([to_model_input(np.asarray(v)[None], self.image_size) for v in values])
+            x = await asyncio.to_thread(  # resizing up to max_image_pixels of images: off the event loop
+                lambda: np.concatenate([to_model_input(np.asarray(v)[None], self.image_size) for v in values])
+            )
             out = await self.infer({"images": x}, backend)
         elif kind == "text":
             if self.text_batcher is None:
                 raise InferenceError(400, f"model {self.name!r} embeds {self.modality} only, not text")
-            out = await self.text_batcher.submit({"text": np.array(values, dtype=object)})
+            texts = check_texts(values, self.settings.max_text_chars)
+            out = await self.text_batcher.submit({"text": np.array(texts, dtype=object)})
         else:
             raise ValueError(f"unknown input kind {kind!r}; valid: image, text")
         return to_space(out, self.how(space), space, self.space_dim(space))
@@ -487,16 +522,12 @@ async def embed_request(repo: ModelRepository, req: EmbedRequest) -> EmbedRespon
         if len(values) > MAX_INPUTS:
             raise InferenceError(400, f"{len(values)} inputs; at most {MAX_INPUTS} per request")
         if req.images is not None:
-            z = await served.embed(
-                "image",
-                [decode_image(v) for v in values],
-                space,
-                served.resolve_backend(req.backend or None),
-            )
+            backend = served.resolve_backend(req.backend or None)
+            # the pixel budget from the headers first, then the decoding, off the event loop
+            images = await decode_images(values, served.settings.max_image_pixels, "images")
+            z = await served.embed("image", images, space, backend)
         else:
-            if any(not t.strip() for t in values):
-                raise InferenceError(400, "`texts` holds an empty string")
-            z = await served.embed("text", values, space)
+            z = await served.embed("text", check_texts(values, served.settings.max_text_chars), space)
     return EmbedResponse(
         model=served.name,
         version=served.version,
@@ -592,12 +623,9 @@ def router(repo: ModelRepository) -> APIRouter:
                 raise InferenceError(400, "`input` is empty")
             if not all(isinstance(t, str) for t in texts):
                 raise InferenceError(400, "`input` as token ids is not supported; send strings")
-            if any(not t.strip() for t in texts):
-                raise InferenceError(400, "`input` holds an empty string")
-            if len(texts) > MAX_INPUTS or any(len(t) > MAX_TEXT_CHARS for t in texts):
-                raise InferenceError(
-                    400, f"at most {MAX_INPUTS} inputs of at most {MAX_TEXT_CHARS} characters each"
-                )
+            if len(texts) > MAX_INPUTS:
+                raise InferenceError(400, f"{len(texts)} inputs; at most {MAX_INPUTS} per request")
+            texts = check_texts(texts, served.settings.max_text_chars, "`input`")
             z = await served.embed("text", texts, space)
             if req.dimensions is not None:
                 if req.dimensions > z.shape[1]:
@@ -688,13 +716,24 @@ def router(repo: ModelRepository) -> APIRouter:
     )
     async def upsert_items(name: GalleryName, req: GalleryItems) -> dict:
         """Upsert items (an existing id is replaced); answers once they are flushed to Milvus."""
-        from serving.gallery.manager import Item
+        from serving.gallery.manager import MAX_ITEMS, Item
 
         g = host.get()
-        items = []
-        for i, it in enumerate(req.items):
-            kind, value = _one_query(it, f"items[{i}] ({it.id!r})")
-            items.append(Item(it.id, kind, value, it.metadata))
+        # Budgets before work (issue 16): the item count, then the images' pixels from their headers;
+        # the items are decoded off the event loop.
+        if len(req.items) > MAX_ITEMS:
+            raise InferenceError(400, f"{len(req.items)} items in one request; at most {MAX_ITEMS}")
+        budget = g.lookup(g.state(name)["model"]).settings.max_image_pixels
+        await check_image_budget([it.image for it in req.items if it.image is not None], budget, "items")
+
+        def decode() -> list[Item]:
+            items = []
+            for i, it in enumerate(req.items):
+                kind, value = _one_query(it, f"items[{i}] ({it.id!r})")
+                items.append(Item(it.id, kind, value, it.metadata))
+            return items
+
+        items = await asyncio.to_thread(decode)
         n = await g.upsert(name, items)
         return {"upserted": n, "ids": [it.id for it in items]}
 

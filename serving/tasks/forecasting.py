@@ -42,7 +42,7 @@ from serving.model import LoadedModel
 from serving.repository import InferenceError, ModelRepository
 from serving.routes import observed, task_model
 
-MAX_BARS = 20_000  # per request; the features need WARMUP + context of them (about a hundred)
+MAX_BARS = 20_000  # per request, given and after gap-filling; the features need about a hundred
 
 
 class Forecaster(LoadedModel):
@@ -153,7 +153,7 @@ def _decode(req: ForecastRequest) -> tuple[pd.DataFrame, Calendar]:
             raw = _bundled(req.dataset)
         else:
             raw = bars_from_records([b.model_dump() for b in req.bars])
-        return validate_bars(raw, gaps=req.gaps)
+        return validate_bars(raw, gaps=req.gaps, max_bars=MAX_BARS)
     except BarsError as exc:
         raise InferenceError(400, f"invalid bars: {exc}") from None
 
@@ -185,7 +185,8 @@ async def forecast_series(repo: ModelRepository, req: ForecastRequest) -> Foreca
     """Quantile forecasts of one series (the route and the ``forecast`` tool both run this)."""
     with observed() as labels:
         levels = sorted(set(req.quantiles))
-        bars, calendar = _decode(req)
+        # parsing, validation and gap-filling are pandas and Python loops: off the event loop
+        bars, calendar = await asyncio.to_thread(_decode, req)
         served = _pick(repo, req, calendar)
         backend = served.resolve_backend(req.backend or None)
         labels.update(model=served.name, version=served.version, backend=backend)

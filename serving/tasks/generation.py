@@ -33,7 +33,8 @@ from model_zoo.schedulers.hallucination import filter_lowest, hallucination_scor
 from model_zoo.schedulers.loop import arun_sampler, invert_steps, reconstruct_steps, sample_steps
 from serving import metrics
 from serving.agent.tools import Tool
-from serving.images import decode_image
+from serving.batching import request_timeout
+from serving.images import decode_images
 from serving.model import LoadedModel
 from serving.repository import InferenceError, ModelRepository
 from serving.routes import observed, task_model
@@ -90,10 +91,38 @@ class Generator(LoadedModel):
 
         return eps
 
-    async def _run(self, loop, denoise, backend: str) -> Any:
-        # Admission control: the request is admitted once against the denoiser batcher's bounds (sampling
-        # loops in progress or waiting count as its queue); its steps are then never refused half-way.
-        with self.batchers[backend].session():
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        """The denoiser's declared ranges: a time step in [0, T) and a label in [0, null label] (the
+        null label is classifier-free guidance's unconditional row). Out of range, the graph's embedding
+        lookups would fail the whole batch the request shares with others."""
+        super().check_inputs(inputs)
+        steps = self.schedule.num_train_timesteps
+        for name, high in (("timestep", steps - 1), ("label", self.null_label)):
+            values = inputs.get(name)
+            if values is None or values.size == 0:
+                continue
+            if values.dtype.kind not in "iu":
+                raise InferenceError(400, f"input {name!r} must be integers, got {values.dtype}")
+            low_seen, high_seen = int(values.min()), int(values.max())
+            if low_seen < 0 or high_seen > high:
+                bad = low_seen if low_seen < 0 else high_seen
+                what = " (the last is the null label: unconditional)" if name == "label" else ""
+                raise InferenceError(
+                    400, f"input {name!r} of model {self.name!r} must lie in [0, {high}]{what}; got {bad}"
+                )
+
+    def work_rows(self, images: int, steps: int, label: int | None, guidance: float) -> int:
+        """Denoiser rows a sampling loop asks for: images × steps, doubled by classifier-free guidance."""
+        return images * (steps + 1) * (2 if label is not None and guidance != 1.0 else 1)
+
+    async def _run(self, loop, denoise, backend: str, rows: int) -> Any:
+        # Admission control: the request is admitted once against the denoiser batcher's bounds, by its
+        # work (``rows``, with what the sampling loops in progress still have to run, must fit in half the
+        # deadline at the measured rate: serving.batching.ADMISSION_HEADROOM); its steps are then never
+        # refused half-way, and the deadline ends it with a 504 before the gateway's timeout. While it
+        # runs it counts as in flight, so a reload or unload of the model waits for it.
+        deadline = self.settings.generation_deadline_s
+        with self.batchers[backend].session(rows, budget_s=deadline), self.busy(), request_timeout(deadline):
             if self._exclusive is None:
                 return await arun_sampler(loop, denoise)
             async with self._exclusive:
@@ -142,7 +171,8 @@ class Generator(LoadedModel):
             num_inference_steps=steps,
             generator=rng,
         )
-        result = await self._run(loop, self._denoiser(backend, sampler, disconnected), backend)
+        rows = self.work_rows(drawn, steps, label, guidance)
+        result = await self._run(loop, self._denoiser(backend, sampler, disconnected), backend, rows)
         scores = hallucination_score(result.x0_history, HALLUCINATION_WINDOW)
         images = result.images
         if filter_hallucinations:
@@ -165,7 +195,8 @@ class Generator(LoadedModel):
             self.null_label,
             num_inference_steps=steps,
         )
-        pair = await self._run(loop, self._denoiser(backend, "bdia", None), backend)
+        rows = self.work_rows(1, steps, label, guidance)
+        pair = await self._run(loop, self._denoiser(backend, "bdia", None), backend, rows)
         return pair.latent[0, 0].numpy(), pair.previous[0, 0].numpy()
 
     async def reconstruct(
@@ -189,7 +220,8 @@ class Generator(LoadedModel):
             self.null_label,
             num_inference_steps=steps,
         )
-        result = await self._run(loop, self._denoiser(backend, "bdia", None), backend)
+        rows = self.work_rows(1, steps, label, guidance)
+        result = await self._run(loop, self._denoiser(backend, "bdia", None), backend, rows)
         return ((result.images[0, 0] + 1.0) / 2.0).numpy()
 
 
@@ -383,7 +415,7 @@ def router(repo: ModelRepository) -> APIRouter:
                     f"image back; use gamma >= {lowest:.3f} for {req.steps} steps (1.0 is stable) "
                     "or fewer steps",
                 )
-            pixels = decode_image(req.image)
+            (pixels,) = await decode_images([req.image], served.settings.max_image_pixels, "image")
             latent, previous = await served.invert(
                 pixels,
                 label=req.label,

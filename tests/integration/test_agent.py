@@ -61,6 +61,8 @@ def agent_server(kiln_home, double):
         KILN_LLM_MAX_RETRIES="0",
         KILN_ADMIN_TOKEN=ADMIN,
         KILN_THREADS="1",
+        KILN_AGENT_MAX_TOKENS="256",
+        KILN_AGENT_MAX_NLI_CALLS="8",
     ):
         srv = start_server(kiln_home, "--models", "vit-soft", "--train-epochs", "2")
     yield srv
@@ -181,6 +183,19 @@ def test_an_llm_that_does_not_answer_in_time_gives_504(agent_server, llm):
 def test_bad_solve_requests_get_400_naming_the_problem(agent_server, body, problem):
     r = _solve(agent_server, **body)
     assert r.status_code == 400 and problem in r.json()["error"]
+
+
+def test_agent_work_is_bounded_by_its_settings(agent_server, llm):
+    # more options than NLI judgments a question may use: 400 before any LLM call
+    options = [f"city {i}" for i in range(10)]
+    r = _solve(agent_server, question=QUESTION, options=options, context=CONTEXT, strategy="iep")
+    assert r.status_code == 400 and "agent_max_nli_calls" in r.json()["error"], r.text
+    assert not llm.requests
+    # every LLM call carries the completion-token bound
+    llm.script("think step by step", "Lyon.\nAnswer: B")
+    r = _solve(agent_server, question=QUESTION, options=OPTIONS, context=CONTEXT, strategy="cot")
+    assert r.status_code == 200, r.text
+    assert [q["max_tokens"] for q in llm.requests] == [256]
 
 
 def test_mcp_lists_and_calls_kiln_tools_with_the_mcp_client(agent_server):

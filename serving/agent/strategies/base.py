@@ -23,6 +23,7 @@ T = TypeVar("T")
 
 MAX_ATTEMPTS = 3  # asks per step: the first and two corrections
 MAX_TOOL_ROUNDS = 4  # LLM turns that may call tools before it must answer
+NLI_STEP = "infer"  # the step of IEP's NLI judgments, bounded per run by ``Run.max_nli_calls``
 LABELS = string.ascii_uppercase
 _REFUSAL = re.compile(
     r"\b(I can(?:no|')t|I am unable|I'm unable|I won't|I will not|as an AI|I'm sorry|I apologi[sz]e)\b", re.I
@@ -87,8 +88,18 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 class Run:
     """One solve: the LLM, the trace of every step, call and token counts, and a live step callback."""
 
-    def __init__(self, llm: LLM, emit: Emit | None = None, stream_tokens: bool = False):
+    def __init__(
+        self,
+        llm: LLM,
+        emit: Emit | None = None,
+        stream_tokens: bool = False,
+        max_nli_calls: int | None = None,
+    ):
+        """``max_nli_calls`` bounds the LLM calls of NLI judgments (the ``infer`` step, retries included)
+        in this run; None = no bound."""
         self.llm = llm
+        self.max_nli_calls = max_nli_calls
+        self.nli_calls = 0
         self.trace: list[dict[str, Any]] = []
         self.llm_calls = 0
         self.usage = Usage()
@@ -109,6 +120,15 @@ class Run:
             async def on_delta(text: str) -> None:
                 await self._emit({"event": "token", "step": step, "text": text})
 
+        if step == NLI_STEP:
+            if self.max_nli_calls is not None and self.nli_calls >= self.max_nli_calls:
+                raise AgentError(
+                    422,
+                    f"the question's NLI judgments need more than the {self.max_nli_calls} LLM calls a "
+                    "question may use (agent_max_nli_calls, retries included); give fewer options",
+                    self.trace,
+                )
+            self.nli_calls += 1
         self.llm_calls += 1
         try:
             reply = await self.llm.chat(messages, tools=tools, on_delta=on_delta)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from serving.agent.strategies.base import (
     LABELS,
+    NLI_STEP,
     AgentError,
     Problem,
     ReplyError,
@@ -79,7 +80,20 @@ async def plan(run: Run, problem: Problem, facts: str) -> list[str]:
             f"{MAX_CANDIDATES} short candidate answers, most plausible first.",
         },
     ]
-    return await run.ask("plan", messages, parse_candidates)
+    candidates = await run.ask("plan", messages, parse_candidates)
+    if run.max_nli_calls is not None and len(candidates) > run.max_nli_calls:
+        # one NLI judgment each: keep the most plausible ones (the LLM lists them first) within the budget
+        candidates = candidates[: run.max_nli_calls]
+        await run.record(
+            {
+                "step": "plan",
+                "prompt": None,
+                "reply": None,
+                "verdict": {"candidates": candidates, "source": f"the first {run.max_nli_calls} "
+                            "(agent_max_nli_calls)"},
+            }
+        )  # fmt: skip
+    return candidates
 
 
 async def infer(run: Run, problem: Problem, facts: str, candidates: list[str], cot: bool) -> list[dict]:
@@ -115,7 +129,7 @@ async def infer(run: Run, problem: Problem, facts: str, candidates: list[str], c
             },
         ]
         judgments.append(
-            await run.ask("infer", messages, parse_relation, candidate=candidate, label=LABELS[i])
+            await run.ask(NLI_STEP, messages, parse_relation, candidate=candidate, label=LABELS[i])
         )
     return judgments
 

@@ -237,3 +237,32 @@ def test_utc_timestamps_stay_utc():
     bars, cal = validate_bars(bars_from_records(rec))
     nxt = future_timestamps(bars.index[-1], cal, 1)[0]
     assert str(nxt.tz) == "UTC" and nxt.isoformat() == "2024-01-05T00:00:00+00:00"
+
+
+# --- issue 16: input that overflows or outgrows the work budget is a BarsError (400), never a 500 ------
+
+
+@pytest.mark.parametrize("stamp", [1e30, 9.2e18, -1e20, "2300-01-02T00:00:00Z", 1e300])
+def test_out_of_range_timestamps_are_a_bars_error(stamp):
+    records = [
+        {"timestamp": stamp, "open": 1, "high": 1, "low": 1, "close": 1, "volume": 0},
+        {"timestamp": "2024-01-02T00:00:00Z" if isinstance(stamp, str) else 1.7e9,
+         "open": 1, "high": 1, "low": 1, "close": 1, "volume": 0},
+    ]  # fmt: skip
+    with pytest.raises(BarsError, match="out of range|timestamps must"):
+        validate_bars(bars_from_records(records))
+
+
+def test_gap_filling_past_max_bars_is_refused_before_filling():
+    # 24/7 daily bars in runs of 3 days, 40 days apart: 37 missing bars per gap, 199 gaps, ~7400 to fill
+    every = pd.date_range("2001-01-01", periods=300 * 40, freq="D")
+    days = every[(np.arange(len(every)) % 40) < 3][:600]
+    bars = pd.DataFrame(
+        {"open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0, "volume": 0.0}, index=pd.DatetimeIndex(days)
+    )
+    with pytest.raises(BarsError, match="at most 1000"):
+        validate_bars(bars, gaps="fill", max_bars=1000)
+    with pytest.raises(BarsError, match="at most 100 are accepted"):
+        validate_bars(bars, gaps="keep", max_bars=100)
+    filled, _ = validate_bars(bars, gaps="fill", max_bars=10_000)
+    assert len(filled) == 199 * 40 + 3

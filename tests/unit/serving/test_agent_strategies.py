@@ -312,3 +312,32 @@ def test_compact_elides_pixels_and_base64():
         "label": "7",
         "grid": "<list of 32 items elided>",
     }
+
+
+# --- work budgets (issue 16) -------------------------------------------------------------------------
+
+
+def test_every_call_carries_max_tokens(double):
+    double.reset()
+    llm = LLM(LLMConfig(double.url, "double-model", timeout=2, max_retries=0, max_tokens=77))
+    double.script("think step by step", "Answer: B")
+    answer, _ = solve(llm, "cot", Problem(QUESTION, OPTIONS, CONTEXT))
+    assert answer == "Lyon" and [r["max_tokens"] for r in double.requests] == [77]
+
+
+def test_nli_calls_are_bounded_per_question_retries_included(llm, double):
+    double.script(r'is "Paris"', "not json", '{"relation": "contradiction", "reason": "no"}')
+    double.script(r'is "Lyon"', '{"relation": "entailment", "reason": "stated"}')
+    with pytest.raises(AgentError, match="agent_max_nli_calls") as err:
+        solve(llm, "iep", Problem(QUESTION, OPTIONS, CONTEXT), max_nli_calls=3)
+    assert err.value.status == 422
+    assert [s["step"] for s in err.value.trace].count("infer") == 3  # Paris twice, Lyon once; Nice never
+
+
+def test_planned_candidates_are_cut_to_the_nli_budget(llm, double):
+    double.script("list every plausible answer", '["Lyon", "Paris", "Nice", "Lille"]')
+    double.script(r'is "Lyon"', '{"relation": "entailment", "reason": "stated"}')
+    double.script(r'is "Paris"', '{"relation": "contradiction", "reason": "not the capital"}')
+    answer, run = solve(llm, "iep", Problem(QUESTION, None, CONTEXT), max_nli_calls=2)
+    assert answer == "Lyon" and run.nli_calls == 2
+    assert run.trace[1]["verdict"]["candidates"] == ["Lyon", "Paris"]
