@@ -233,12 +233,12 @@ RECIPES: dict[str, Recipe] = {
         description="Retrieval: BCT new model (influence loss through the old classifier, 32-d)",
     ),
     "embed-new-bt2": EmbeddingRecipe(
-        architecture="embed_bt2_cnn_base",
+        architecture="embed_bt2_ortho_cnn_base",
         method="bt2",
         old_model="embed-old",
         reference_model="embed-new-independent",
         requires=("embed-old", "embed-new-independent"),
-        description="Retrieval: BT² new model (32 compatible + 32 extra dims, orthogonal basis transform)",
+        description="Retrieval: BT² new model (64-d feature + 8 extra dims, change of basis; 32 compatible)",
     ),
     "embed-new-oca": EmbeddingRecipe(
         architecture="embed_oca_cnn_base",
