@@ -134,8 +134,9 @@ class EmbeddingRecipe(Recipe):
     batch_size: int = 64
     lr: float = 1e-3  # Adam 1e-3 with cosine decay, as BT²
     weight_decay: float = 5e-4
-    loss_weights: tuple[float, ...] = ()  # method's λs; () = the paper's (BT²: 1, 10, 5; OCA: 5, 10, 5)
+    loss_weights: tuple[float, ...] = ()  # method's λs; () = official code's (BT²: 1, 10, 10; OCA: 5, 10, 5)
     augment: bool = True
+    train_per_class: int = 0  # > 0: only this many training images of each class (a fixed subset)
 
     def trainer(self):
         from training.retrieval import train_embedding

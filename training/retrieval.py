@@ -224,6 +224,16 @@ class _Frozen:
     old_art: Artifact | None = None
 
 
+def _first_per_class(y: torch.Tensor, k: int) -> torch.Tensor:
+    """A mask of ``k`` images of each class, the same for every seed and method (a fixed permutation,
+    ``GALLERY_SEED``), so that seeds vary only the training and methods compare on the same images."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(GALLERY_SEED))
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    for c in y.unique():
+        mask[order[y[order] == c][:k]] = True
+    return mask
+
+
 def require_artifact(name: str) -> Artifact:
     """The latest stored artifact ``name``; trains its registered recipe first if the store has none."""
     try:
@@ -252,6 +262,8 @@ def train_embedding(
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = split_tensors("train", recipe.image_size)
     keep = torch.isin(y_all, torch.tensor(recipe.classes))
+    if recipe.train_per_class > 0:
+        keep &= _first_per_class(y_all, recipe.train_per_class)
     x_train, y_train = x_all[keep], y_all[keep]
 
     model = create_model(recipe.architecture, **recipe.model_args)
