@@ -88,7 +88,8 @@ def _hard(new_new: dict[str, list[float]], new_old: dict[str, list[float]], old_
         for label, rs in runs.items()
     }
     return {
-        "config": {"train_per_class": 30},
+        "config": {"train_per_class": 30, "epochs": 15, "batch_size": 16},
+        "new_classes": list(range(8)),
         "seeds": [0, 1, 2, 3, 4],
         "old_model": "bench-embed-old:1",
         "old/old": _m(old_old),
