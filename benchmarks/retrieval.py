@@ -66,6 +66,14 @@ HARD_METHODS: dict[str, tuple[str, dict[str, Any]]] = {  # label: (store recipe,
     "OCA": ("embed-new-oca", {}),
 }
 CEILING = 95.0  # independent new/new top-1 must be below this for the methods to be told apart
+# BT²'s own CIFAR-100 table (Zhou et al., ICCV 2023; ResNet-50, old model on 50 classes, new on 100):
+# (new/old top-1, new/old mAP, new/new top-1, new/new mAP); old/old 33.6 top-1, 24.4 mAP.
+PAPER_BT2 = {
+    "independent": (0.8, 1.5, 62.7, 49.9),
+    "BCT": (25.0, 24.7, 60.0, 47.3),
+    "BT²": (38.7, 27.7, 62.4, 50.5),
+}
+PAPER_BT2_OLD_OLD = (33.6, 24.4)
 CHANCE_MARGIN = 10.0  # "near chance": new/old top-1 within this many points of the chance level
 
 
@@ -456,6 +464,15 @@ def _hard_lines(hard: dict[str, Any] | None) -> list[str]:
         "without the orthogonal change of basis of [extra; C·f].",
         "",
         markdown_table(["method", "new/old top-1", "new/old mAP", "new/new top-1", "new/new mAP"], rows),
+        "",
+        "BT²'s paper, CIFAR-100 (its table; one run, no spread), old/old "
+        f"{PAPER_BT2_OLD_OLD[0]} top-1, {PAPER_BT2_OLD_OLD[1]} mAP — the claim measured above is its "
+        "shape: BCT below the independent model on new/new, BT² level with it, new/old above old/old:",
+        "",
+        markdown_table(
+            ["method (paper)", "new/old top-1", "new/old mAP", "new/new top-1", "new/new mAP"],
+            [[label, *(fmt(v) for v in row)] for label, row in PAPER_BT2.items()],
+        ),
         "",
         "Validation new/new top-1 (mean over the seeds; what the configuration was chosen on): "
         + ", ".join(val)
