@@ -467,5 +467,5 @@ TINY_RECIPES: dict[str, EmbeddingRecipe] = {
     ),
 }
 """Seconds-long configs for tests and fixtures: train in this order (each names the ones before it).
-On the validation split, seeds 0-2: old self top-1 64-73; new/old top-1 independent 1-10, BT² 27-39,
-OCA 49-53."""
+On the validation split, seeds 0-2: old self top-1 64-73; new/old top-1 independent 1-10, BT² 39-47,
+OCA 49-53 (BT² with its change of basis; the pre-fix linear head measured 27-39)."""
