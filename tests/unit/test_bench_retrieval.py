@@ -148,6 +148,8 @@ def test_hard_targets_check_bt2s_claim_beyond_the_seed_spread():
         "BCT loses new/new against the independent model (by more than the seed spread)",
         "BT² does not lose new/new against the independent model (not below by more than the spread)",
         "BT² new/old top-1 > old/old top-1 (every seed)",
+        "BT² new/old mAP > old/old mAP (every seed)",
+        "methods told apart: BT² and BCT new/old mAP differ by more than their seed spread",
         "ablation: the change of basis beats transform=none on new/new or new/old (beyond the spread)",
     }
 
