@@ -134,8 +134,9 @@ class EmbeddingRecipe(Recipe):
     batch_size: int = 64
     lr: float = 1e-3  # Adam 1e-3 with cosine decay, as BT²
     weight_decay: float = 5e-4
-    loss_weights: tuple[float, ...] = ()  # method's λs; () = the paper's (BT²: 1, 10, 5; OCA: 5, 10, 5)
+    loss_weights: tuple[float, ...] = ()  # method's λs; () = official code's (BT²: 1, 10, 10; OCA: 5, 10, 5)
     augment: bool = True
+    train_per_class: int = 0  # > 0: only this many training images of each class (a fixed subset)
 
     def trainer(self):
         from training.retrieval import train_embedding
@@ -233,12 +234,12 @@ RECIPES: dict[str, Recipe] = {
         description="Retrieval: BCT new model (influence loss through the old classifier, 32-d)",
     ),
     "embed-new-bt2": EmbeddingRecipe(
-        architecture="embed_bt2_cnn_base",
+        architecture="embed_bt2_ortho_cnn_base",
         method="bt2",
         old_model="embed-old",
         reference_model="embed-new-independent",
         requires=("embed-old", "embed-new-independent"),
-        description="Retrieval: BT² new model (32 compatible + 32 extra dims, orthogonal basis transform)",
+        description="Retrieval: BT² new model (64-d feature + 8 extra dims, change of basis; 32 compatible)",
     ),
     "embed-new-oca": EmbeddingRecipe(
         architecture="embed_oca_cnn_base",

@@ -8,9 +8,13 @@ queries (no backfill):
 * BCT (Shen et al., "Towards Backward-Compatible Representation Learning", CVPR 2020, eq. 3): the new
   embedding also passes through the *frozen old classifier* (influence loss). New classes have no old
   classifier row; as BCT §3.2 they get the mean old-model embedding of their training images.
-* BT² (eq. 5 of the paper as summarised in PAPERS.md): embedding = old dims + extra dims after an
-  orthogonal basis transformation; loss = CE + λ1 (1 − cos(z, z_independent)) + λ2 CE_old(z[:d_old])
-  + λ3 (1 − cos(z[:d_old], z_old)), λ = (1, 10, 5).
+* BT² (Zhou et al., ICCV 2023, eq. 5, as the official ``TransferTrainer`` computes it): the new feature
+  ``f`` (before the change of basis) carries the new model's CE and λ1 (1 − cos(f, f_independent)); the
+  served ``z = B·[extra; C·f]`` (``model_zoo.embedding.BT2BasisChange``) carries, on its compatible part
+  ``z[:d_old]``, λ2 CE(normalize(z[:d_old]) · pseudo-classifierᵀ) and λ3 (1 − cos(z[:d_old], z_old)).
+  The pseudo-classifier is the per-class mean of the old model's (normalised) features over the new
+  training set, un-normalised, logits unscaled (official ``train_feature_transfer.py``). λ = (1, 10, 10):
+  the official trainer weights the old-feature cosine 10, where the paper's configs list λ3 = 5.
 * OCA (Ricci et al. 2024): L2-normalised old+extra feature, orthogonal layer before the classifier;
   loss = 5 CE + 10 CE(z[:d_old] · old prototypes) + 5 (1 − cos(old prototype of y, z[:d_old])).
 
@@ -38,13 +42,14 @@ from tqdm.auto import tqdm
 
 from kiln.artifacts import Artifact, ArtifactError, get_artifact, load_torch_model, save_artifact
 from model_zoo import create_model
-from model_zoo.embedding import rebase_orthogonal
+from model_zoo.embedding import BT2EmbeddingNet, rebase_orthogonal
 from training.data import split_inputs
 from training.recipes import EmbeddingRecipe
 from training.trainer import TrainResult, lr_at, run_dir, training_block
 
 METHODS = ("old", "independent", "bct", "bt2", "oca")
-DEFAULT_LOSS_WEIGHTS = {"bct": (1.0,), "bt2": (1.0, 10.0, 5.0), "oca": (5.0, 10.0, 5.0)}
+# BT²: (λ1 independent, λ2 old pseudo-classifier, λ3 old feature) as the official trainer hard-codes them
+DEFAULT_LOSS_WEIGHTS = {"bct": (1.0,), "bt2": (1.0, 10.0, 10.0), "oca": (5.0, 10.0, 5.0)}
 GALLERY_SEED = 0
 
 
@@ -139,12 +144,15 @@ def compatibility_table(
 # ------------------------------------------------------------------------------------- losses
 
 
-def old_prototypes(old: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Mean L2-normalised old-model embedding per class, re-normalised: ``(num_classes, d_old)``."""
+def old_prototypes(
+    old: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, renormalize: bool = True
+) -> torch.Tensor:
+    """Mean L2-normalised old-model embedding per class, re-normalised unless ``renormalize=False``
+    (BT²'s pseudo-classifier keeps the plain means): ``(num_classes, d_old)``."""
     with torch.no_grad():
         z = torch.from_numpy(embed_images(old, x))
     protos = torch.stack([z[y == c].mean(0) for c in range(num_classes)])
-    return F.normalize(protos, dim=-1)
+    return F.normalize(protos, dim=-1) if renormalize else protos
 
 
 def extended_old_classifier(old: torch.nn.Module, protos: torch.Tensor) -> torch.Tensor:
@@ -162,22 +170,30 @@ def influence_loss(
 
 
 def bt2_losses(
+    f: torch.Tensor,
     z: torch.Tensor,
     logits: torch.Tensor,
     y: torch.Tensor,
-    z_ref: torch.Tensor,
+    f_ref: torch.Tensor,
     z_old: torch.Tensor,
-    old_weight: torch.Tensor,
+    pseudo_classifier: torch.Tensor,
     d_old: int,
-    scale: float,
 ) -> dict[str, torch.Tensor]:
-    """BT²'s terms: CE, 1 − cos to the independent model, CE through the old classifier, 1 − cos to old."""
-    zc = z[:, :d_old]
+    """BT²'s terms (eq. 5; official ``TransferTrainer.train``), each where the official code puts it.
+
+    Args:
+        f: the new feature before the change of basis (normalised); ``logits`` are the classifier's on it.
+        z: the served embedding after the change of basis; its first ``d_old`` coordinates are compatible.
+        f_ref: the independently trained new model's embedding of the same images.
+        z_old: the old model's embedding of the same images.
+        pseudo_classifier: per-class mean old embeddings ``(num_classes, d_old)``, not re-normalised.
+    """
+    zc = F.normalize(z[:, :d_old], dim=-1)
     return {
-        "ce": F.cross_entropy(logits, y),
-        "independent": (1 - F.cosine_similarity(z, z_ref, dim=-1)).mean(),
-        "old_classifier": influence_loss(zc, y, old_weight, scale),
-        "old_feature": (1 - F.cosine_similarity(zc, z_old, dim=-1)).mean(),
+        "ce": F.cross_entropy(logits, y),  # the new model's own classification loss, on f
+        "independent": (1 - F.cosine_similarity(f, f_ref, dim=-1)).mean(),  # λ1 term, on f
+        "old_classifier": F.cross_entropy(zc @ pseudo_classifier.T, y),  # λ2 term: unscaled logits
+        "old_feature": (1 - F.cosine_similarity(zc, z_old, dim=-1)).mean(),  # λ3 term
     }
 
 
@@ -204,7 +220,18 @@ class _Frozen:
     reference: torch.nn.Module | None = None
     protos: torch.Tensor | None = None
     old_weight: torch.Tensor | None = None
+    pseudo: torch.Tensor | None = None  # BT²'s pseudo-classifier
     old_art: Artifact | None = None
+
+
+def _first_per_class(y: torch.Tensor, k: int) -> torch.Tensor:
+    """A mask of ``k`` images of each class, the same for every seed and method (a fixed permutation,
+    ``GALLERY_SEED``), so that seeds vary only the training and methods compare on the same images."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(GALLERY_SEED))
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    for c in y.unique():
+        mask[order[y[order] == c][:k]] = True
+    return mask
 
 
 def require_artifact(name: str) -> Artifact:
@@ -235,6 +262,8 @@ def train_embedding(
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = split_tensors("train", recipe.image_size)
     keep = torch.isin(y_all, torch.tensor(recipe.classes))
+    if recipe.train_per_class > 0:
+        keep &= _first_per_class(y_all, recipe.train_per_class)
     x_train, y_train = x_all[keep], y_all[keep]
 
     model = create_model(recipe.architecture, **recipe.model_args)
@@ -249,8 +278,22 @@ def train_embedding(
             raise ValueError(f"{name}: compat_dim {d_old} != {recipe.old_model}'s dimension {old_dim}")
         frozen.protos = old_prototypes(frozen.old, x_train, y_train, model.num_classes)
         frozen.old_weight = extended_old_classifier(frozen.old, frozen.protos)
+    if recipe.method == "bt2":
+        if not isinstance(model, BT2EmbeddingNet):
+            raise ValueError(
+                f"{name}: method 'bt2' needs a BT² architecture (e.g. embed_bt2_ortho_cnn_base), "
+                f"not {recipe.architecture!r}"
+            )
+        frozen.pseudo = old_prototypes(frozen.old, x_train, y_train, model.num_classes, renormalize=False)
     if recipe.reference_model:
-        frozen.reference = load_torch_model(require_artifact(recipe.reference_model))
+        ref_art = require_artifact(recipe.reference_model)
+        frozen.reference = load_torch_model(ref_art)
+        ref_dim = ref_art.manifest["embedding"]["dim"]
+        if recipe.method == "bt2" and ref_dim != model.new_dim:
+            raise ValueError(
+                f"{name}: new_dim {model.new_dim} != {recipe.reference_model}'s dimension {ref_dim} "
+                "(BT²'s λ1 term compares the new feature with the independent model's)"
+            )
     scale = 16.0  # the cosine classifiers' scale (model_zoo.embedding.CosineClassifier)
 
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -268,8 +311,9 @@ def train_embedding(
             idx = order[i : i + recipe.batch_size]
             xb = augment(x_train[idx], gen) if recipe.augment else x_train[idx]
             yb = y_train[idx]
-            z = model.embedding(xb)
-            logits = model.head(z)
+            if recipe.method != "bt2":
+                z = model.embedding(xb)
+                logits = model.head(z)
             if recipe.method in ("old", "independent"):
                 terms = {"ce": F.cross_entropy(logits, yb)}
                 loss = terms["ce"]
@@ -280,9 +324,10 @@ def train_embedding(
                 }
                 loss = terms["ce"] + weights[0] * terms["influence"]
             elif recipe.method == "bt2":
+                f, z = model.bt2_features(xb)  # f before, z after the change of basis
                 with torch.no_grad():
-                    z_ref, z_old = frozen.reference(xb), frozen.old(xb)
-                terms = bt2_losses(z, logits, yb, z_ref, z_old, frozen.old_weight, d_old, scale)
+                    f_ref, z_old = frozen.reference(xb), frozen.old(xb)
+                terms = bt2_losses(f, z, model.head(f), yb, f_ref, z_old, frozen.pseudo, d_old)
                 l1, l2, l3 = weights
                 loss = (
                     terms["ce"]
@@ -404,13 +449,13 @@ TINY_RECIPES: dict[str, EmbeddingRecipe] = {
         model_args={"widths": (8, 16), "embed_dim": 8, "compat_dim": 8},
     ),
     "tiny-embed-new-bt2": EmbeddingRecipe(
-        architecture="embed_bt2_cnn_base",
+        architecture="embed_bt2_ortho_cnn_base",
         method="bt2",
         old_model="tiny-embed-old",
         reference_model="tiny-embed-new-independent",
         epochs=4,
         lr=3e-3,
-        model_args={"widths": (8, 16), "embed_dim": 12, "compat_dim": 8},
+        model_args={"widths": (8, 16), "new_dim": 12, "compat_dim": 8, "extra_dim": 2},
     ),
     "tiny-embed-new-oca": EmbeddingRecipe(
         architecture="embed_oca_cnn_base",
@@ -422,5 +467,5 @@ TINY_RECIPES: dict[str, EmbeddingRecipe] = {
     ),
 }
 """Seconds-long configs for tests and fixtures: train in this order (each names the ones before it).
-On the validation split, seeds 0-2: old self top-1 64-73; new/old top-1 independent 1-10, BT² 27-39,
-OCA 49-53."""
+On the validation split, seeds 0-2: old self top-1 64-73; new/old top-1 independent 1-10, BT² 39-47,
+OCA 49-53 (BT² with its change of basis; the pre-fix linear head measured 27-39)."""
