@@ -43,7 +43,28 @@ def decode_image(image: Any) -> np.ndarray:
     return arr
 
 
-def _decode_png_jpeg(text: str) -> np.ndarray:
+def decode_rgb_image(image: Any) -> np.ndarray:
+    """For RGB models (imported image classifiers): a nested list (H×W×3, or H×W grayscale, values in
+    [0, 1]) or a base64 PNG/JPEG → (H, W, 3) float32 in [0, 1]."""
+    if isinstance(image, str):
+        return _decode_png_jpeg(image, "RGB")
+    try:
+        arr = np.asarray(image, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise InferenceError(400, "`image` must be a rectangular nested list of numbers (H×W×3)") from None
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        if min(arr.shape[:2]) < 1 or max(arr.shape[:2]) > MAX_IMAGE_SIDE:
+            raise InferenceError(400, f"image is {arr.shape[1]}×{arr.shape[0]}; 1 to {MAX_IMAGE_SIDE} a side")
+        if not np.isfinite(arr).all():
+            raise InferenceError(400, "`image` contains NaN or Inf")
+        if arr.min() < 0.0 or arr.max() > 1.0:
+            lo, hi = arr.min(), arr.max()
+            raise InferenceError(400, f"`image` values must lie in [0, 1]; got [{lo:g}, {hi:g}]")
+        return arr
+    return np.repeat(decode_image(image)[..., None], 3, axis=-1)
+
+
+def _decode_png_jpeg(text: str, mode: str = "L") -> np.ndarray:
     """A base64 PNG/JPEG → (H, W) float32 in [0, 1]; every way the bytes can be bad is a 400.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb (a small
@@ -66,7 +87,7 @@ def _decode_png_jpeg(text: str) -> np.ndarray:
                 raise InferenceError(
                     400, f"image is {im.size[0]}×{im.size[1]}; the limit is {MAX_IMAGE_SIDE} a side"
                 )
-            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            return np.asarray(im.convert(mode), dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise InferenceError(400, "`image` is base64 but not a PNG/JPEG image PIL can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
