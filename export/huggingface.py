@@ -107,7 +107,7 @@ def detect_task(path: str | Path) -> tuple[str, str]:
             return "text-classification", "transformers"
         if arch.endswith("ForImageClassification"):
             return "image-classification", "transformers"
-        if arch.endswith("Model"):
+        if arch.endswith("Model") and "Head" not in arch:  # a base model, not e.g. GPT2LMHeadModel
             return "embedding", "transformers"
     raise ImportError_(
         f"{config} names architectures {architectures}; Kiln imports *ForSequenceClassification "

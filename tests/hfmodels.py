@@ -8,10 +8,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = (
-    "the a an cat dog sat on mat hello world kiln model serve fast slow red blue good bad "
-    "great awful movie film is was not very"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "hello",
+    "world",
+    "kiln",
+    "model",
+    "serve",
+    "fast",
+    "slow",
+    "red",
+    "blue",
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "movie",
+    "film",
+    "is",
+    "was",
+    "not",
+    "very",
+]
 LABELS = {0: "negative", 1: "positive"}
 
 
@@ -51,11 +76,12 @@ def bert_feature_extractor(dest: Path, seed: int = 0) -> Path:
 
 def sentence_transformer(dest: Path, pooling: str = "mean", seed: int = 0) -> Path:
     """A sentence-transformers model: the tiny BERT, ``pooling`` Pooling, Normalize."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     base = bert_feature_extractor(dest.parent / f"{dest.name}-base", seed)
-    transformer = models.Transformer(str(base), max_seq_length=32)
-    modules = [transformer, models.Pooling(32, pooling), models.Normalize()]
+    transformer = Transformer(str(base), max_seq_length=32)
+    modules = [transformer, Pooling(32, pooling), Normalize()]
     SentenceTransformer(modules=modules, device="cpu").save_pretrained(str(dest))
     return dest
 
