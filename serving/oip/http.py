@@ -127,19 +127,20 @@ def create_oip_app(
     async def model_config(request: Request) -> Response:
         model = _model(repo, request)
         batched = model.max_batch_size > 0  # Triton's dims leave out the batch dimension of batched models
-        answer = {
-            "name": model.name,
-            "version": model.version,
-            "platform": model.platform,
-            "backend": model.backends[0],
-            "backends": list(model.backends),
-            "max_batch_size": model.max_batch_size,
-            "input": [_config_tensor(spec, batched) for spec in model.inputs],
-            "output": [_config_tensor(spec, batched) for spec in model.outputs],
-        }
-        # A Triton repository model (serving.triton) answers with its whole config.pbtxt, as Triton does.
-        answer.update(getattr(model, "triton_config", None) or {})
-        return JSONResponse(answer)
+        return JSONResponse(
+            {
+                "name": model.name,
+                "version": model.version,
+                "platform": model.platform,
+                "backend": model.backends[0],
+                "backends": list(model.backends),
+                "max_batch_size": model.max_batch_size,
+                "input": [_config_tensor(spec, batched) for spec in model.inputs],
+                "output": [_config_tensor(spec, batched) for spec in model.outputs],
+                # A Triton repository model (serving.triton): its whole config.pbtxt, as Triton answers.
+                **(getattr(model, "triton_config", None) or {}),
+            }
+        )
 
     async def model_stats(request: Request) -> Response:
         name = request.path_params.get("name", "")
