@@ -333,6 +333,14 @@ def _graph_inputs(model) -> list[str]:
     return [n for n in TEXT_INPUTS if n in params]
 
 
+def _feeds(input_ids, attention_mask, token_type_ids) -> dict[str, Any]:
+    """The keyword arguments of a transformers text model (token_type_ids only when it takes them)."""
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        feeds["token_type_ids"] = token_type_ids
+    return feeds
+
+
 def _texts_tensors(tok: TextTokenizer, texts: list[str]) -> dict[str, Any]:
     import torch
 
@@ -361,18 +369,15 @@ def _embedding(src: Path, kind: str, work: Path, rows, log) -> dict[str, Any]:
         first = st[0]
         hf_model, tokenizer = first.auto_model, first.tokenizer
         max_length = _max_length(tokenizer, hf_model.config, st.max_seq_length)
-        pooling, normalize = _st_head(src, st)
+        pooling, normalize = _st_head(src)
 
         class Wrapper(nn.Module):  # the whole SentenceTransformer: its own pooling, dense, normalize
-            def __init__(self, st, names):
+            def __init__(self, st):
                 super().__init__()
-                self.st, self.names = st, names
+                self.st = st
 
             def forward(self, input_ids, attention_mask, token_type_ids=None):
-                feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-                if token_type_ids is not None:
-                    feeds["token_type_ids"] = token_type_ids
-                return self.st(feeds)["sentence_embedding"]
+                return self.st(_feeds(input_ids, attention_mask, token_type_ids))["sentence_embedding"]
 
         def original(texts):
             return st.encode(texts, batch_size=8, convert_to_numpy=True)
@@ -388,27 +393,24 @@ def _embedding(src: Path, kind: str, work: Path, rows, log) -> dict[str, Any]:
         architecture = type(hf_model).__name__
 
         class Wrapper(nn.Module):  # mean of the last hidden state over the attention mask
-            def __init__(self, model, names):
+            def __init__(self, model):
                 super().__init__()
-                self.model, self.names = model, names
+                self.model = model
 
             def forward(self, input_ids, attention_mask, token_type_ids=None):
-                feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-                if token_type_ids is not None:
-                    feeds["token_type_ids"] = token_type_ids
-                hidden = self.model(**feeds).last_hidden_state
-                mask = feeds["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                hidden = self.model(**_feeds(input_ids, attention_mask, token_type_ids)).last_hidden_state
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
                 return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
         def original(texts):
             enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             with torch.no_grad():
-                return Wrapper(hf_model, list(enc.keys()))(**enc).numpy()
+                return Wrapper(hf_model)(**{k: enc[k] for k in names}).numpy()
 
     names = _graph_inputs(hf_model)
     _write_tokenizer(tokenizer, work)
     tok = TextTokenizer(work / TOKENIZER_FILE, max_length, names, int(tokenizer.pad_token_id or 0))
-    wrapper = _wrap(Wrapper(st if kind == "sentence-transformers" else hf_model, names))
+    wrapper = _wrap(Wrapper(st if kind == "sentence-transformers" else hf_model))
     graph = work / GRAPH
     log(f"exporting {architecture} ({kind}, {pooling} pooling{', normalized' if normalize else ''}) to ONNX")
     _export(
@@ -429,7 +431,7 @@ def _embedding(src: Path, kind: str, work: Path, rows, log) -> dict[str, Any]:
     }
 
 
-def _st_head(src: Path, st) -> tuple[str, bool]:
+def _st_head(src: Path) -> tuple[str, bool]:
     """The sentence-transformers model's pooling mode and whether it ends in Normalize (modules.json)."""
     modules = json.loads((src / "modules.json").read_text())
     pooling = "none"
@@ -458,22 +460,19 @@ def _text_classifier(src: Path, kind: str, work: Path, rows, log) -> dict[str, A
     labels = _labels(model.config)
 
     class Wrapper(nn.Module):
-        def __init__(self, model, names):
+        def __init__(self, model):
             super().__init__()
-            self.model, self.names = model, names
+            self.model = model
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
-            feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if token_type_ids is not None:
-                feeds["token_type_ids"] = token_type_ids
-            return self.model(**feeds).logits
+            return self.model(**_feeds(input_ids, attention_mask, token_type_ids)).logits
 
     _write_tokenizer(tokenizer, work)
     tok = TextTokenizer(work / TOKENIZER_FILE, max_length, names, int(tokenizer.pad_token_id or 0))
     graph = work / GRAPH
     log(f"exporting {type(model).__name__} ({len(labels)} labels) to ONNX")
     _export(
-        _wrap(Wrapper(model, names)),
+        _wrap(Wrapper(model)),
         _texts_tensors(tok, list(_PARITY_TEXTS[:2])),
         graph,
         ["logits"],

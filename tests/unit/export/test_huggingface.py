@@ -113,3 +113,15 @@ def test_an_import_records_the_graph_tokenizer_pooling_and_parity(models):
     assert m["text"]["max_length"] == 32 and m["text"]["inputs"][:2] == ["input_ids", "attention_mask"]
     assert art.file("model.onnx").is_file() and art.file("tokenizer.json").is_file()
     assert art.file("source/modules.json").is_file() and art.file("source/1_Pooling/config.json").is_file()
+
+
+def test_a_transformers_feature_extractor_is_imported_mean_pooled(models):
+    art = hf.import_model(models["fx"], "tiny-fx")
+    m = art.manifest
+    assert m["task"] == "embedding" and m["source"] == {
+        "path": str(models["fx"].resolve()),
+        "kind": "transformers",
+        "architecture": "BertModel",
+    }
+    assert m["embedding"]["pooling"] == "mean" and m["embedding"]["normalize"] is False
+    assert m["exports"]["onnx"]["parity"]["min_cosine"] >= hf.MIN_COSINE
