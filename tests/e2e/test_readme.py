@@ -72,7 +72,7 @@ def test_first_requests_python(server, index):
     assert r.stdout.strip()
 
 
-@pytest.mark.parametrize("command", ["train", "export", "serve", "bench", "models"])
+@pytest.mark.parametrize("command", ["train", "export", "import", "serve", "bench", "models"])
 def test_every_cli_command_has_help(command):
     r = subprocess.run([sys.executable, "-m", "kiln.cli", command, "--help"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -83,6 +83,7 @@ def test_readme_names_every_cli_command():
     for command in (
         "kiln train",
         "kiln export",
+        "kiln import",
         "kiln serve",
         "kiln models list",
         "kiln bench vit",
