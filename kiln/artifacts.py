@@ -103,17 +103,23 @@ def code_version() -> str:
 
 
 def save_artifact(
-    name: str, weights_file: Path, manifest: dict[str, Any], *, labels: dict[str, str] | None = None
+    name: str, weights_file: Path | None, manifest: dict[str, Any], *, labels: dict[str, str] | None = None
 ) -> Artifact:
-    """Create a new version of ``name`` in the model store from a safetensors file and a manifest."""
-    _check_safetensors(weights_file)
+    """Create a new version of ``name`` in the model store from a safetensors file and a manifest.
+
+    ``weights_file`` None: an artifact of exported graphs only (an imported ONNX file); its manifest
+    records ``"weights": null``.
+    """
+    if weights_file is not None:
+        _check_safetensors(weights_file)
     manifest = {"format_version": FORMAT_VERSION, "name": name, "code_version": code_version(), **manifest}
-    manifest.setdefault("weights", WEIGHTS)
+    manifest.setdefault("weights", WEIGHTS if weights_file is not None else None)
     manifest.setdefault("exports", {})
     meta = {k: manifest[k] for k in ("architecture", "task", "code_version") if k in manifest}
     with bentoml.models.create(name, labels=labels or {}, metadata=meta) as bento_model:
         dest = Path(bento_model.path)
-        (dest / WEIGHTS).write_bytes(Path(weights_file).read_bytes())
+        if weights_file is not None:
+            (dest / WEIGHTS).write_bytes(Path(weights_file).read_bytes())
         _write_json_atomic(dest / MANIFEST, manifest)
         tag = bento_model.tag
     return get_artifact(f"{tag.name}:{tag.version}")
@@ -148,7 +154,8 @@ def get_artifact(tag: str) -> Artifact:
             f"this Kiln reads {FORMAT_VERSION}"
         )
     art = Artifact(bento_model.tag.name, bento_model.tag.version, path, manifest)
-    _check_safetensors(art.weights_path)
+    if manifest.get("weights", WEIGHTS) is not None:  # None: exported graphs only (an imported ONNX file)
+        _check_safetensors(art.weights_path)
     return art
 
 

@@ -27,22 +27,28 @@ _FORMATS = ("PNG", "JPEG")  # the decoders PIL may use; no exotic formats from u
 
 
 async def decode_images(
-    images: list[Any], max_pixels: int, what: str = "images", max_items: int | None = None
+    images: list[Any],
+    max_pixels: int,
+    what: str = "images",
+    max_items: int | None = None,
+    rgb: bool = False,
 ) -> list[np.ndarray]:
-    """:func:`decode_image` of each, within budgets checked before any is decoded, off the event loop.
+    """:func:`decode_image` (``rgb``: :func:`decode_rgb_image`) of each, within budgets checked before any
+    is decoded, off the event loop.
 
     Args:
         images: nested lists or base64 PNG/JPEG strings.
         max_pixels: most pixels of all the images together (the model's ``max_image_pixels``).
         what: the request field, for the messages.
         max_items: most images (checked first, before anything else is looked at).
+        rgb: decode to (H, W, 3) for an RGB model (imported image classifiers), else (H, W) grayscale.
 
     Raises:
         InferenceError: 400 naming the budget that is exceeded or the image that is bad.
     """
     if max_items is not None and len(images) > max_items:
         raise InferenceError(400, f"{len(images)} {what}; at most {max_items} per request")
-    return await asyncio.to_thread(_decode_within, images, max_pixels, what)
+    return await asyncio.to_thread(_decode_within, images, max_pixels, what, rgb)
 
 
 async def check_image_budget(images: list[Any], max_pixels: int, what: str = "images") -> None:
@@ -51,8 +57,10 @@ async def check_image_budget(images: list[Any], max_pixels: int, what: str = "im
     await asyncio.to_thread(_within_budget, images, max_pixels, what)
 
 
-def _decode_within(images: list[Any], max_pixels: int, what: str) -> list[np.ndarray]:
+def _decode_within(images: list[Any], max_pixels: int, what: str, rgb: bool = False) -> list[np.ndarray]:
     raws = _within_budget(images, max_pixels, what)
+    if rgb:
+        return [_decode_bytes(r, "RGB") if isinstance(r, bytes) else decode_rgb_image(r) for r in raws]
     return [_decode_bytes(r) if isinstance(r, bytes) else decode_image(r) for r in raws]
 
 
@@ -111,6 +119,27 @@ def decode_image(image: Any) -> np.ndarray:
     return arr
 
 
+def decode_rgb_image(image: Any) -> np.ndarray:
+    """For RGB models (imported image classifiers): a nested list (H×W×3, or H×W grayscale, values in
+    [0, 1]) or a base64 PNG/JPEG → (H, W, 3) float32 in [0, 1]."""
+    if isinstance(image, str):
+        return _decode_bytes(_base64(image), "RGB")
+    try:
+        arr = np.asarray(image, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise InferenceError(400, "`image` must be a rectangular nested list of numbers (H×W×3)") from None
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        if min(arr.shape[:2]) < 1 or max(arr.shape[:2]) > MAX_IMAGE_SIDE:
+            raise InferenceError(400, f"image is {arr.shape[1]}×{arr.shape[0]}; 1 to {MAX_IMAGE_SIDE} a side")
+        if not np.isfinite(arr).all():
+            raise InferenceError(400, "`image` contains NaN or Inf")
+        if arr.min() < 0.0 or arr.max() > 1.0:
+            lo, hi = arr.min(), arr.max()
+            raise InferenceError(400, f"`image` values must lie in [0, 1]; got [{lo:g}, {hi:g}]")
+        return arr
+    return np.repeat(decode_image(image)[..., None], 3, axis=-1)
+
+
 def _base64(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
@@ -135,8 +164,9 @@ def _header_size(raw: bytes) -> tuple[int, int]:
         raise InferenceError(400, f"`image` is a truncated or corrupt PNG/JPEG: {exc}") from None
 
 
-def _decode_bytes(raw: bytes) -> np.ndarray:
-    """PNG/JPEG bytes → (H, W) float32 in [0, 1]; every way the bytes can be bad is a 400.
+def _decode_bytes(raw: bytes, mode: str = "L") -> np.ndarray:
+    """PNG/JPEG bytes → (H, W) (``mode="RGB"``: (H, W, 3)) float32 in [0, 1]; every way the bytes can be
+    bad is a 400.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb (a small
     file that inflates to billions of pixels) is refused without inflating it; PIL's own bomb check
@@ -154,7 +184,7 @@ def _decode_bytes(raw: bytes) -> np.ndarray:
                 raise InferenceError(
                     400, f"image is {im.size[0]}×{im.size[1]}; the limit is {MAX_IMAGE_SIDE} a side"
                 )
-            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            return np.asarray(im.convert(mode), dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise InferenceError(400, "`image` is base64 but not a PNG/JPEG image PIL can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

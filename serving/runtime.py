@@ -109,6 +109,31 @@ class TensorRTRuntime:
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
 
 
+class OnnxTextRuntime:
+    """An imported text model (``kiln import``): ``text`` (BYTES) → the artifact's tokenizer
+    (:class:`kiln.texts.TextTokenizer`) → its ONNX graph → the outputs, renamed as the manifest's ``text``
+    block says (e.g. ``sentence_embedding`` → ``embedding``)."""
+
+    def __init__(self, art: Artifact, backend: str, threads: int):
+        from kiln.texts import TextTokenizer
+
+        spec = art.manifest["text"]
+        self.onnx = OnnxRuntime(art, backend, threads)
+        self.backend = backend
+        self.tokenizer = TextTokenizer(
+            art.file(spec["tokenizer"]), spec["max_length"], spec["inputs"], spec.get("pad_id", 0)
+        )
+        self.rename = dict(spec["outputs"])
+        self.load_seconds = self.onnx.load_seconds
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from kiln.texts import texts_of
+
+        graph = list(self.rename)
+        outs = self.onnx.session.run(graph, self.tokenizer(texts_of(inputs["text"])))
+        return {self.rename[n]: o for n, o in zip(graph, outs, strict=True)}
+
+
 def export_for(art: Artifact, backend: str) -> tuple[str, dict | None]:
     """(format, manifest entry) of the export that serves ``backend``; the entry is None if not exported,
     or if the export was discarded by its quality gate (:func:`discarded` says why).
@@ -154,7 +179,8 @@ def available_backends(art: Artifact) -> dict[str, str]:
     """backend → '' if loadable here, else the reason it is not (not exported, discarded by its quality
     gate at export, or no TensorRT/GPU here)."""
     out = {backend: _unavailable(art, backend) for backend in _ONNX_BACKENDS}
-    out["pytorch"] = ""
+    # imported models (``kiln import``) have no model-zoo architecture to rebuild in PyTorch
+    out["pytorch"] = "" if "architecture" in art.manifest else "no PyTorch model (imported: ONNX only)"
     trt_ok, reason = tensorrt_status()
     for backend in _TRT_BACKENDS:
         out[backend] = _unavailable(art, backend) or ("" if trt_ok else reason)

@@ -27,7 +27,15 @@ from serving.agent.tools import Tool
 from serving.config import ServeConfig
 from serving.model import LoadedModel
 from serving.repository import ModelRepository
-from serving.tasks import agent, classification, embedding, forecasting, generation
+from serving.tasks import (
+    agent,
+    classification,
+    embedding,
+    forecasting,
+    generation,
+    onnx_graph,
+    text_classification,
+)
 
 # task name → (served model class, or None for a task without an artifact; router factory)
 TASKS: dict[str, tuple[type[LoadedModel] | None, Callable[[ModelRepository], APIRouter]]] = {
@@ -36,6 +44,8 @@ TASKS: dict[str, tuple[type[LoadedModel] | None, Callable[[ModelRepository], API
     agent.TASK: (None, agent.router),
     forecasting.Forecaster.task: (forecasting.Forecaster, forecasting.router),
     embedding.Embedder.task: (embedding.Embedder, embedding.router),
+    text_classification.TextClassifier.task: (text_classification.TextClassifier, text_classification.router),
+    onnx_graph.OnnxModel.task: (onnx_graph.OnnxModel, onnx_graph.router),
 }
 
 

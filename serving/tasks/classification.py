@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from kiln.imaging import to_model_input
+from kiln.imaging import resize_bilinear, to_model_input
 from serving.agent.tools import Tool
 from serving.images import decode_images
 from serving.model import LoadedModel
@@ -27,10 +27,15 @@ class Classifier(LoadedModel):
     def __init__(self, art, config):
         super().__init__(art, config)
         self.image_size = tuple(art.manifest["preprocess"]["size"])
+        self.channels = int(art.manifest["preprocess"].get("channels", 1))  # 3: imported RGB models
 
     async def classify(self, images: np.ndarray, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, H, W)`` images in [0, 1] → (predicted label indices, probabilities)."""
-        x = to_model_input(images, self.image_size)
+        """``(N, H, W)`` (``(N, H, W, 3)`` for an RGB model) images in [0, 1] → (predicted label
+        indices, probabilities)."""
+        if self.channels == 3:
+            x = resize_bilinear(np.moveaxis(np.asarray(images, np.float32), -1, 1), self.image_size)
+        else:
+            x = to_model_input(images, self.image_size)
         logits = (await self.infer({self.inputs[0].name: x}, backend))[self.outputs[0].name]
         z = logits - logits.max(axis=-1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
@@ -63,7 +68,9 @@ async def classify_image(repo: ModelRepository, req: ClassifyRequest) -> Classif
         served = task_model(repo, Classifier, req.model, req.version)
         chosen = served.resolve_backend(req.backend or None)
         labels.update(model=served.name, version=served.version, backend=chosen)
-        (image,) = await decode_images([req.image], served.settings.max_image_pixels, "image")
+        (image,) = await decode_images(
+            [req.image], served.settings.max_image_pixels, "image", rgb=served.channels == 3
+        )
         pred, probs = await served.classify(image[None], chosen)
     names = served.labels or [str(i) for i in range(probs.shape[1])]
     return ClassifyResponse(

@@ -48,6 +48,7 @@ from serving.images import check_image_budget, decode_image, decode_images
 from serving.model import LoadedModel
 from serving.repository import InferenceError, ModelRepository, TensorSpec
 from serving.routes import observed, task_model
+from serving.runtime import OnnxTextRuntime
 
 log = logging.getLogger("kiln.serving.embedding")
 
@@ -123,6 +124,12 @@ class TextRuntime:
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
+def _imported_text_runtime(art: Artifact, backend: str, threads: int) -> OnnxTextRuntime:
+    if backend != "onnxruntime":
+        raise ValueError(f"an imported text model runs on onnxruntime only, not {backend!r}")
+    return OnnxTextRuntime(art, backend, threads)
+
+
 class Embedder(LoadedModel):
     task = "embedding"
 
@@ -144,6 +151,8 @@ class Embedder(LoadedModel):
                     runtime_factory=TextRuntime,
                 )
                 self.text_batcher = text.batchers["pytorch"]
+        elif "text" in art.manifest:  # imported (kiln import): tokenizer + ONNX graph, parity-checked
+            super().__init__(art, config, runtime_factory=_imported_text_runtime)
         else:
             super().__init__(
                 art,
@@ -151,6 +160,7 @@ class Embedder(LoadedModel):
                 backends={"pytorch": ""},
                 runtime_factory=TextRuntime,
             )
+        if "image" not in self.modality:
             # over OIP a text model takes strings; the manifest's tensors describe its PyTorch projection
             self.inputs = [TensorSpec("text", "BYTES", (-1,))]
             self.outputs = [TensorSpec("embedding", "FP32", (-1, self.dim))] + [
@@ -158,7 +168,7 @@ class Embedder(LoadedModel):
                 for s, c in self.compatible.items()
                 if c["how"] == "projection"
             ]
-            self.text_batcher = self.batchers["pytorch"]
+            self.text_batcher = self.batchers[self.backends[0]]
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
         """Over the Open Inference Protocol a text model's ``text`` elements must be UTF-8 of at most

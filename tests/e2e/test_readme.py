@@ -54,8 +54,26 @@ def _all_blocks() -> list[tuple[str, str, str]]:
     return blocks
 
 
+# Sections that start servers of their own (a Triton repository, an imported model) and run, as written,
+# in their own tests.
+OWN_TESTS = {
+    "## Serve a Triton model repository": "tests/e2e/test_readme_triton.py",
+    "## Import a Hugging Face or sentence-transformers model": "tests/e2e/test_readme_hf_import.py",
+}
+
+
+def _own_test(code: str) -> str:
+    for section, test in OWN_TESTS.items():
+        start = README.index(section)
+        if code in README[start : README.index("\n## ", start + 1)]:
+            return test
+    return ""
+
+
 def _not_run(heading: str, lang: str, code: str) -> str:
     """Why a block is not run here ("" = it is a request example and runs)."""
+    if _own_test(code):
+        return f"starts a server of its own: run as written by {_own_test(code)}"
     if heading == "Quick start":
         return "make targets: test_quick_start_commands_are_make_targets"
     if lang in ("sh", "json"):
@@ -160,7 +178,9 @@ def test_every_readme_curl_fails_on_http_errors():
         assert re.search(r"\s(--fail-with-body|--fail|-f)\s", line), line
 
 
-@pytest.mark.parametrize("command", ["train", "export", "serve", "bench", "models", "prepare", "token"])
+@pytest.mark.parametrize(
+    "command", ["train", "export", "serve", "bench", "models", "prepare", "token", "import"]
+)
 def test_every_cli_command_has_help(command):
     r = subprocess.run([sys.executable, "-m", "kiln.cli", command, "--help"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -171,6 +191,7 @@ def test_readme_names_every_cli_command():
     for command in (
         "kiln train",
         "kiln export",
+        "kiln import",
         "kiln serve",
         "kiln models list",
         "kiln bench vit",
