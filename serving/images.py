@@ -20,19 +20,26 @@ MAX_IMAGE_SIDE = 1024
 _FORMATS = ("PNG", "JPEG")  # the decoders PIL may use; no exotic formats from untrusted input
 
 
-def decode_image(image: Any) -> np.ndarray:
-    """A nested list (H×W, values in [0, 1], ink = 1) or a base64 PNG/JPEG → (H, W) float32 in [0, 1]."""
+def decode_image(image: Any, channels: int = 1) -> np.ndarray:
+    """A nested list (H×W, values in [0, 1], ink = 1) or a base64 PNG/JPEG → (H, W) float32 in [0, 1].
+
+    ``channels=3`` (a model trained on RGB images): a nested list 3×H×W or a PNG/JPEG → (3, H, W).
+    """
     if isinstance(image, str):
-        return _decode_png_jpeg(image)
+        return _decode_png_jpeg(image, channels)
     try:
         arr = np.asarray(image, dtype=np.float32)
     except (ValueError, TypeError):
         raise InferenceError(400, "`image` must be a rectangular nested list of numbers (H×W)") from None
-    if arr.ndim == 3 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2 or min(arr.shape) < 1:
-        raise InferenceError(400, f"`image` must be 2-D (H×W) grayscale; got shape {list(arr.shape)}")
-    if max(arr.shape) > MAX_IMAGE_SIDE:
+    if channels == 3:
+        if arr.ndim != 3 or arr.shape[0] != 3 or min(arr.shape) < 1:
+            raise InferenceError(400, f"`image` must be 3×H×W (RGB planes); got shape {list(arr.shape)}")
+    else:
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 2 or min(arr.shape) < 1:
+            raise InferenceError(400, f"`image` must be 2-D (H×W) grayscale; got shape {list(arr.shape)}")
+    if max(arr.shape[-2:]) > MAX_IMAGE_SIDE:
         raise InferenceError(
             400, f"image is {arr.shape[1]}×{arr.shape[0]}; the limit is {MAX_IMAGE_SIDE} a side"
         )
@@ -43,8 +50,8 @@ def decode_image(image: Any) -> np.ndarray:
     return arr
 
 
-def _decode_png_jpeg(text: str) -> np.ndarray:
-    """A base64 PNG/JPEG → (H, W) float32 in [0, 1]; every way the bytes can be bad is a 400.
+def _decode_png_jpeg(text: str, channels: int = 1) -> np.ndarray:
+    """A base64 PNG/JPEG → (H, W) (or (3, H, W)) float32 in [0, 1]; every way the bytes can be bad is a 400.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb (a small
     file that inflates to billions of pixels) is refused without inflating it; PIL's own bomb check
@@ -66,6 +73,8 @@ def _decode_png_jpeg(text: str) -> np.ndarray:
                 raise InferenceError(
                     400, f"image is {im.size[0]}×{im.size[1]}; the limit is {MAX_IMAGE_SIDE} a side"
                 )
+            if channels == 3:
+                return np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise InferenceError(400, "`image` is base64 but not a PNG/JPEG image PIL can read") from None

@@ -26,9 +26,10 @@ class Classifier(LoadedModel):
     def __init__(self, art, config):
         super().__init__(art, config)
         self.image_size = tuple(art.manifest["preprocess"]["size"])
+        self.channels = art.manifest["preprocess"].get("channels", 1)  # 3: trained on RGB images
 
     async def classify(self, images: np.ndarray, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, H, W)`` images in [0, 1] → (predicted label indices, probabilities)."""
+        """``(N, H, W)`` (or ``(N, 3, H, W)``) images in [0, 1] → (predicted label indices, probabilities)."""
         x = to_model_input(images, self.image_size)
         logits = (await self.infer({self.inputs[0].name: x}, backend))[self.outputs[0].name]
         z = logits - logits.max(axis=-1, keepdims=True)
@@ -39,7 +40,8 @@ class Classifier(LoadedModel):
 class ClassifyRequest(BaseModel):
     image: list[Any] | str = Field(
         description="Nested list H×W of values in [0, 1] (ink = 1), or a base64-encoded PNG/JPEG "
-        "(white ink on black, as the training digits)."
+        "(white ink on black, as the training digits); for a model trained on RGB images, 3×H×W or a "
+        "colour PNG/JPEG."
     )
     model: str = Field("vit-soft", description="A loaded classifier (GET /v2/repository/index lists them).")
     version: str = Field("", description="A loaded version; default the newest.")
@@ -62,7 +64,7 @@ async def classify_image(repo: ModelRepository, req: ClassifyRequest) -> Classif
         served = task_model(repo, Classifier, req.model, req.version)
         chosen = served.resolve_backend(req.backend or None)
         labels.update(model=served.name, version=served.version, backend=chosen)
-        pred, probs = await served.classify(decode_image(req.image)[None], chosen)
+        pred, probs = await served.classify(decode_image(req.image, served.channels)[None], chosen)
     names = served.labels or [str(i) for i in range(probs.shape[1])]
     return ClassifyResponse(
         label=names[int(pred[0])],
