@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from imagefolders import make_folder
+from PIL import Image
 from typer.testing import CliRunner
 
 from kiln.artifacts import get_artifact, load_torch_model
@@ -20,30 +21,6 @@ from training.imagefolder import ImageFolderError, load_image_folder, reload_ima
 from training.recipes import RECIPES
 from training.retrieval import TINY_RECIPES
 from training.trainer import train
-
-COLOURS = {"circle": (230, 40, 40), "square": (40, 60, 230), "triangle": (40, 200, 60)}
-
-
-def make_folder(root: Path, per_class: int = 10, classes=tuple(COLOURS), gray: bool = False) -> Path:
-    """Coloured shapes, one class a shape, on black: RGB PNGs of different sizes and one JPEG a class."""
-    rng = np.random.default_rng(0)
-    for name in classes:
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            w, h = (int(v) for v in rng.integers(20, 48, size=2))
-            im = Image.new("RGB", (w, h))
-            d, box = ImageDraw.Draw(im), (3, 3, w - 3, h - 3)
-            colour = COLOURS[name]
-            if name == "circle":
-                d.ellipse(box, fill=colour)
-            elif name == "square":
-                d.rectangle(box, fill=colour)
-            else:
-                d.polygon([(w // 2, 3), (3, h - 3), (w - 3, h - 3)], fill=colour)
-            if gray:
-                im = im.convert("L")
-            im.save(root / name / (f"{i:02d}.jpg" if i == 0 else f"{i:02d}.png"))
-    return root
 
 
 @pytest.fixture(scope="module")
