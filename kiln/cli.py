@@ -71,7 +71,8 @@ def train(
         typer.Option(help="Forecasters: gap policy for missing bars: keep (default), fill or error."),
     ] = None,
 ) -> None:
-    """Train a model on bundled data and save it to the model store (best-on-validation weights)."""
+    """Train a model on bundled data, or an image recipe on your ImageFolder (--data DIR --name NAME),
+    and save it to the model store (best-on-validation weights)."""
     import dataclasses
 
     from training.recipes import RECIPES

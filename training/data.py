@@ -2,6 +2,10 @@
 
 The split is stratified 70 / 15 / 15 (train / val / test) with seed 0; model selection uses val only,
 and the test split is read once per trained model to report its accuracy.
+
+:func:`image_data` is what the image trainers read: the digits, or a user's ImageFolder directory
+(:mod:`training.imagefolder`, split the same way); :func:`recorded_image_data` gives an export the
+splits an artifact's manifest recorded.
 """
 
 from __future__ import annotations
