@@ -41,7 +41,7 @@ def decode_image(image: Any, channels: int = 1) -> np.ndarray:
             raise InferenceError(400, f"`image` must be 2-D (H×W) grayscale; got shape {list(arr.shape)}")
     if max(arr.shape[-2:]) > MAX_IMAGE_SIDE:
         raise InferenceError(
-            400, f"image is {arr.shape[1]}×{arr.shape[0]}; the limit is {MAX_IMAGE_SIDE} a side"
+            400, f"image is {arr.shape[-1]}×{arr.shape[-2]}; the limit is {MAX_IMAGE_SIDE} a side"
         )
     if not np.isfinite(arr).all():
         raise InferenceError(400, "`image` contains NaN or Inf")
