@@ -1,4 +1,7 @@
-"""Export spec of the image-classification task: digits images in, logits out, top-1 accuracy as quality.
+"""Export spec of the image-classification task: images in, logits out, top-1 accuracy as quality.
+
+The images are the artifact's own splits (its manifest's ``data`` block: the bundled digits, or the
+user's ImageFolder re-read from the recorded file lists, :func:`training.data.recorded_image_data`).
 
 Parity is checked on validation-split images, calibration uses training-split images, and every exported
 graph's validation- and test-split accuracy is recorded. The quality gate decides on the validation
@@ -17,7 +20,7 @@ from export.gates import QualityGate
 from export.quantize import CalibrationReader
 from export.sessions import open_session
 from kiln.artifacts import Artifact
-from training.data import split_inputs
+from training.data import recorded_image_data
 
 CALIBRATION_SAMPLES = 256  # drawn from the training split
 PARITY_SAMPLES = 64  # held-out (validation split) inputs
@@ -47,7 +50,7 @@ class ClassifierExport:
 
     @staticmethod
     def _split(art: Artifact, split: str) -> tuple[np.ndarray, np.ndarray]:
-        return split_inputs(split, tuple(art.manifest["preprocess"]["size"]))
+        return recorded_image_data(art.manifest, tuple(art.manifest["preprocess"]["size"])).inputs[split]
 
     def _input_name(self, art: Artifact) -> str:
         return art.manifest["inputs"][0]["name"]

@@ -14,7 +14,8 @@
 - Quality of every ONNX graph: FID-digits and conditional accuracy (``export.fid_digits``, in the
   features of the ``vit-soft`` classifier) of 20 samples per class drawn through that graph with DDIM,
   20 steps, guidance 2, seed 0. Without a ``vit-soft`` in the store the quality is recorded as missing,
-  with the reason.
+  with the reason; so it is for a model trained on a user's images (``kiln train ... --data DIR``), which
+  FID-digits can not score: its fp32 graph serves on its parity check, its derived graphs are discarded.
 - Quality gate of every derived graph (int8, TensorRT) against the fp32 graph, same samples and seed:
   FID-digits at most ``MAX_FID_INCREASE`` worse (relative) and conditional accuracy at most
   ``MAX_ACCURACY_LOSS`` lower. Without the FID classifier the gate cannot be checked, and the graph is
@@ -35,10 +36,9 @@ from export.gates import QualityGate
 from export.quantize import CalibrationReader
 from export.sessions import open_session
 from kiln.artifacts import Artifact, ArtifactError
-from kiln.imaging import resize_bilinear
 from model_zoo.schedulers import NoiseSchedule, create_sampler
 from model_zoo.schedulers.loop import run_sampler, sample_steps
-from training.data import digits_splits
+from training.data import recorded_image_data
 
 PARITY_SAMPLES = 64
 CALIBRATION_SAMPLES = 1024
@@ -108,9 +108,10 @@ def sample_digits(
     return np.concatenate(out), time.perf_counter() - t0
 
 
-def _real_images(split: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    s = digits_splits()[split]
-    return resize_bilinear(s.images, size) * 2.0 - 1.0, s.labels
+def _real_images(art: Artifact, split: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The artifact's own split (digits, or the user's folder it recorded) as (N, h, w) in [-1, 1]."""
+    x, y = recorded_image_data(art.manifest, size).inputs[split]
+    return x[:, 0] * 2.0 - 1.0, y
 
 
 class DiffusionExport:
@@ -130,7 +131,7 @@ class DiffusionExport:
 
     def _forward_noised(self, art: Artifact, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
         size = tuple(art.manifest["image"]["size"])
-        images, labels = _real_images(split, size)
+        images, labels = _real_images(art, split, size)
         rng = np.random.default_rng(seed)
         idx = rng.choice(len(images), size=n, replace=n > len(images))
         abar = NoiseSchedule(**art.manifest["schedule"]).alphas_cumprod().numpy()
@@ -204,6 +205,13 @@ class DiffusionExport:
         return result
 
     def quality(self, art: Artifact, graph: Path) -> dict[str, Any]:
+        data = art.manifest.get("data") or {"kind": "digits"}
+        if data["kind"] != "digits":  # FID-digits' classifier knows digits, not the user's classes
+            return {
+                "fid_digits": None,
+                "quality_note": f"not measured: FID-digits scores digits, and {art.name} was trained on "
+                f"{data['root']}; the fp32 graph serves on its parity check, derived graphs are not served",
+            }
         try:
             fid = FidDigits(FID_CLASSIFIER)
         except (ArtifactError, ValueError) as exc:

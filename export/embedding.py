@@ -86,9 +86,9 @@ class EmbeddingExport:
 
     @staticmethod
     def _images(art: Artifact, split: str) -> tuple[np.ndarray, np.ndarray]:
-        from training.data import split_inputs
+        from training.data import recorded_image_data
 
-        return split_inputs(split, tuple(art.manifest["preprocess"]["size"]))
+        return recorded_image_data(art.manifest, tuple(art.manifest["preprocess"]["size"])).inputs[split]
 
     def _caption_embeddings(self, art: Artifact, split: str, n: int) -> np.ndarray:
         from training.captions import captions
@@ -136,15 +136,17 @@ class EmbeddingExport:
         return out
 
     def _image_quality(self, art: Artifact, graph: Path) -> dict[str, Any]:
+        from training.data import recorded_image_data
         from training.retrieval import query_gallery, retrieval_metrics, to_space
 
         size = tuple(art.manifest["preprocess"]["size"])
+        source = recorded_image_data(art.manifest, size) if "data" in art.manifest else None
         old_art = _old_artifact(art)
         old = self._model(old_art) if old_art is not None else None
         dims = old_art.manifest["embedding"]["dim"] if old_art is not None else None
         out: dict[str, Any] = {}
         for split in ("val", "test"):
-            qg = query_gallery(split, size)
+            qg = query_gallery(split, size, source)
             (xq, yq), (xg, yg) = qg["query"], qg["gallery"]
             q, g = onnx_embed(graph, xq), onnx_embed(graph, xg)
             out[f"{split}_top1"] = round(retrieval_metrics(q, yq, g, yg)["top1"], 2)

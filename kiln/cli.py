@@ -72,16 +72,31 @@ def train(
     data: Annotated[
         str | None,
         typer.Option(
-            help="Forecasters: train on this CSV/Parquet of OHLCV bars (timestamp, open, high, low, close, "
-            "volume; exchange and tool layouts are recognised) or a bundled series (GOOG, EURUSD, BTCUSD)."
+            help="Image recipes (vit-*, diffusion-*, embed-old, embed-new-independent): train on this "
+            "ImageFolder directory (DIR/<class>/<image>.png|jpg; needs --name). Forecasters: train on this "
+            "CSV/Parquet of OHLCV bars (timestamp, open, high, low, close, volume; exchange and tool layouts "
+            "are recognised) or a bundled series (GOOG, EURUSD, BTCUSD)."
         ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Store the result as NAME, not the recipe's name (required with image --data)."),
+    ] = None,
+    channels: Annotated[
+        int | None,
+        typer.Option(help="Image recipes with --data: 1 (grayscale) or 3 (RGB); default: from the images."),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(min=4, help="Image recipes with --data: resize every image to this square side."),
     ] = None,
     gaps: Annotated[
         str | None,
         typer.Option(help="Forecasters: gap policy for missing bars: keep (default), fill or error."),
     ] = None,
 ) -> None:
-    """Train a model on bundled data and save it to the model store (best-on-validation weights)."""
+    """Train a model on bundled data, or an image recipe on your ImageFolder (--data DIR --name NAME),
+    and save it to the model store (best-on-validation weights)."""
     import dataclasses
 
     from training.recipes import RECIPES
@@ -90,14 +105,34 @@ def train(
     if model not in RECIPES:
         _fail(f"unknown model {model!r}; trainable: {', '.join(sorted(RECIPES))}")
     recipe = RECIPES[model]
-    changes = {k: v for k, v in (("data", data), ("gaps", gaps)) if v is not None}
-    if changes:
-        if not all(hasattr(recipe, k) for k in changes):
-            _fail(f"--data/--gaps apply to forecasters; {model!r} trains on its bundled data")
-        recipe = dataclasses.replace(recipe, **changes)
+    if name is not None and (name in RECIPES or not name.replace("-", "").replace("_", "").isalnum()):
+        _fail(
+            f"--name {name!r} must be a new model name (letters, digits, - and _), "
+            "not a recipe's: a model trained on your data never replaces a default one"
+        )
+    if hasattr(recipe, "dataset"):  # an image recipe: --data is an ImageFolder directory
+        if data is not None and name is None:
+            _fail(f"--data needs --name: the model trained on {data} is stored under a name of your own")
+        if gaps is not None:
+            _fail(f"--gaps applies to forecasters, not {model!r}")
+        changes = {"dataset": data} if data is not None else {}
+        if channels is not None or image_size is not None:
+            if data is None:
+                _fail("--channels/--image-size apply with --data (the bundled digits are fixed)")
+            if channels is not None:
+                changes["channels"] = channels
+            if image_size is not None:
+                changes["image_size"] = (image_size, image_size)
+    else:
+        if channels is not None or image_size is not None:
+            _fail(f"--channels/--image-size apply to image recipes, not {model!r}")
+        changes = {k: v for k, v in (("data", data), ("gaps", gaps)) if v is not None}
+        if changes and not all(hasattr(recipe, k) for k in changes):
+            _fail(f"--data/--gaps apply to forecasters and image recipes; {model!r} trains on bundled data")
+    recipe = dataclasses.replace(recipe, **changes)
     try:
-        result = run_training(model, epochs=epochs, seed=seed, recipe=recipe)
-    except ValueError as exc:  # kiln.market.bars.BarsError included: the message names the bad bar
+        result = run_training(name or model, epochs=epochs, seed=seed, recipe=recipe)
+    except ValueError as exc:  # BarsError and ImageFolderError included: the message names the bad bar/file
         _fail(str(exc))
     typer.echo(result.summary())
     if export:

@@ -34,8 +34,10 @@ def resize_bilinear(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def to_model_input(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``(N, H, W)`` grayscale images with values in [0, 1] → ``(N, 1, h, w)`` float32 model input."""
+    """``(N, H, W)`` grayscale or ``(N, C, H, W)`` images in [0, 1] → ``(N, C, h, w)`` float32 model input."""
     images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 4:
+        return resize_bilinear(images, size)
     if images.ndim != 3:
-        raise ValueError(f"expected (N, H, W) grayscale images, got shape {images.shape}")
+        raise ValueError(f"expected (N, H, W) or (N, C, H, W) images, got shape {images.shape}")
     return resize_bilinear(images, size)[:, None, :, :]

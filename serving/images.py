@@ -41,7 +41,7 @@ async def decode_images(
         max_pixels: most pixels of all the images together (the model's ``max_image_pixels``).
         what: the request field, for the messages.
         max_items: most images (checked first, before anything else is looked at).
-        rgb: decode to (H, W, 3) for an RGB model (imported image classifiers), else (H, W) grayscale.
+        rgb: decode to (3, H, W) for an RGB model (:func:`decode_rgb_image`), else (H, W) grayscale.
 
     Raises:
         InferenceError: 400 naming the budget that is exceeded or the image that is bad.
@@ -60,7 +60,10 @@ async def check_image_budget(images: list[Any], max_pixels: int, what: str = "im
 def _decode_within(images: list[Any], max_pixels: int, what: str, rgb: bool = False) -> list[np.ndarray]:
     raws = _within_budget(images, max_pixels, what)
     if rgb:
-        return [_decode_bytes(r, "RGB") if isinstance(r, bytes) else decode_rgb_image(r) for r in raws]
+        return [
+            _decode_bytes(r, "RGB").transpose(2, 0, 1) if isinstance(r, bytes) else decode_rgb_image(r)
+            for r in raws
+        ]
     return [_decode_bytes(r) if isinstance(r, bytes) else decode_image(r) for r in raws]
 
 
@@ -93,11 +96,20 @@ def _list_size(image: Any) -> tuple[int, int]:
     if not isinstance(rows, list) or not rows:
         return 0, 0
     first = rows[0]
-    return len(rows), len(first) if isinstance(first, list) else 1
+    if not isinstance(first, list):
+        return len(rows), 1
+    depth = len(first[0]) if first and isinstance(first[0], list) else 1  # 3×H×W or H×W×3: every value
+    return len(rows), len(first) * depth
 
 
-def decode_image(image: Any) -> np.ndarray:
-    """A nested list (H×W, values in [0, 1], ink = 1) or a base64 PNG/JPEG → (H, W) float32 in [0, 1]."""
+def decode_image(image: Any, channels: int = 1) -> np.ndarray:
+    """A nested list (H×W, values in [0, 1], ink = 1) or a base64 PNG/JPEG → (H, W) float32 in [0, 1].
+
+    ``channels=3`` (an RGB model: trained on the user's colour images, or an imported image classifier):
+    :func:`decode_rgb_image`, → (3, H, W).
+    """
+    if channels == 3:
+        return decode_rgb_image(image)
     if isinstance(image, str):
         return _decode_bytes(_base64(image))
     try:
@@ -120,24 +132,29 @@ def decode_image(image: Any) -> np.ndarray:
 
 
 def decode_rgb_image(image: Any) -> np.ndarray:
-    """For RGB models (imported image classifiers): a nested list (H×W×3, or H×W grayscale, values in
-    [0, 1]) or a base64 PNG/JPEG → (H, W, 3) float32 in [0, 1]."""
+    """For RGB models: a base64 PNG/JPEG (grayscale files are converted) or a nested list of values in
+    [0, 1], 3×H×W (planes) or H×W×3 (pixels, as PIL and numpy hold images) → (3, H, W) float32."""
     if isinstance(image, str):
-        return _decode_bytes(_base64(image), "RGB")
+        return _decode_bytes(_base64(image), "RGB").transpose(2, 0, 1)
     try:
         arr = np.asarray(image, dtype=np.float32)
     except (ValueError, TypeError):
-        raise InferenceError(400, "`image` must be a rectangular nested list of numbers (H×W×3)") from None
-    if arr.ndim == 3 and arr.shape[-1] == 3:
-        if min(arr.shape[:2]) < 1 or max(arr.shape[:2]) > MAX_IMAGE_SIDE:
-            raise InferenceError(400, f"image is {arr.shape[1]}×{arr.shape[0]}; 1 to {MAX_IMAGE_SIDE} a side")
-        if not np.isfinite(arr).all():
-            raise InferenceError(400, "`image` contains NaN or Inf")
-        if arr.min() < 0.0 or arr.max() > 1.0:
-            lo, hi = arr.min(), arr.max()
-            raise InferenceError(400, f"`image` values must lie in [0, 1]; got [{lo:g}, {hi:g}]")
-        return arr
-    return np.repeat(decode_image(image)[..., None], 3, axis=-1)
+        raise InferenceError(400, "`image` must be a rectangular nested list of numbers (3×H×W)") from None
+    if arr.ndim == 3 and arr.shape[0] != 3 and arr.shape[-1] == 3:
+        arr = arr.transpose(2, 0, 1)  # H×W×3 pixels → planes
+    if arr.ndim != 3 or arr.shape[0] != 3 or min(arr.shape) < 1:
+        raise InferenceError(
+            400, f"`image` must be 3×H×W (RGB planes) or H×W×3; got shape {list(arr.shape)}"
+        )
+    if max(arr.shape[-2:]) > MAX_IMAGE_SIDE:
+        raise InferenceError(
+            400, f"image is {arr.shape[-1]}×{arr.shape[-2]}; the limit is {MAX_IMAGE_SIDE} a side"
+        )
+    if not np.isfinite(arr).all():
+        raise InferenceError(400, "`image` contains NaN or Inf")
+    if arr.min() < 0.0 or arr.max() > 1.0:
+        raise InferenceError(400, f"`image` values must lie in [0, 1]; got [{arr.min():g}, {arr.max():g}]")
+    return arr
 
 
 def _base64(text: str) -> bytes:

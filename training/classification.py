@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from kiln.artifacts import save_artifact
 from model_zoo import create_model
-from training.data import split_inputs
+from training.data import image_data
 from training.recipes import ClassifierRecipe
 from training.trainer import TrainResult, lr_at, run_dir, training_block
 
@@ -49,15 +49,19 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 def train_classifier(
     name: str, recipe: ClassifierRecipe, *, epochs: int, seed: int = 0, progress: bool = True
 ) -> TrainResult:
-    """Train ``recipe`` on the bundled digits and save the best-on-val model as artifact ``name``."""
+    """Train ``recipe`` on its dataset and save the best-on-val model as artifact ``name``."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for split in ("train", "val", "test"):
-        x, y = split_inputs(split, recipe.image_size)
-        tensors[split] = (torch.from_numpy(x), torch.from_numpy(y))
+    data = image_data(recipe.dataset, recipe.image_size, channels=recipe.channels, progress=progress)
+    tensors = {s: (torch.from_numpy(x), torch.from_numpy(y)) for s, (x, y) in data.inputs.items()}
     x_train, y_train = tensors["train"]
-    model = create_model(recipe.architecture, **recipe.model_args)
+    num_classes, channels = len(data.labels), data.channels
+    args = dict(recipe.model_args)
+    if recipe.dataset != "digits":  # the head and stem follow the user's data
+        if recipe.image_size[0] != recipe.image_size[1]:
+            raise ValueError(f"{name}: the ViTs take square images; image_size is {recipe.image_size}")
+        args = {**args, "num_classes": num_classes, "in_chans": channels, "img_size": recipe.image_size[0]}
+    model = create_model(recipe.architecture, **args)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
     total_steps = epochs * steps_per_epoch
@@ -96,15 +100,20 @@ def train_classifier(
     manifest = {
         **model.kiln_config,
         "task": recipe.task,
-        "labels": [str(i) for i in range(10)],
+        "labels": data.labels,
         "preprocess": {
-            "kind": "grayscale-image",
+            "kind": "grayscale-image" if channels == 1 else "rgb-image",
             "size": list(recipe.image_size),
+            "channels": channels,
             "value_range": [0.0, 1.0],
-            "note": "ink = 1, background = 0; any H×W is resized bilinearly (half-pixel centres)",
+            "note": (
+                "ink = 1, background = 0; any H×W is resized bilinearly (half-pixel centres)"
+                if recipe.dataset == "digits"
+                else "pixel values / 255; any H×W is resized bilinearly (half-pixel centres)"
+            ),
         },
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, *recipe.image_size]}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, channels, *recipe.image_size]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]}],
         "metrics": {
             "val_accuracy": best_val,
             "test_accuracy": test_acc,
@@ -112,6 +121,7 @@ def train_classifier(
             "train_seconds": round(seconds, 1),
             "parameters": n_params,
         },
+        "data": data.record,
         "training": training_block(
             name,
             recipe,

@@ -2,6 +2,10 @@
 
 The split is stratified 70 / 15 / 15 (train / val / test) with seed 0; model selection uses val only,
 and the test split is read once per trained model to report its accuracy.
+
+:func:`image_data` is what the image trainers read: the digits, or a user's ImageFolder directory
+(:mod:`training.imagefolder`, split the same way); :func:`recorded_image_data` gives an export the
+splits an artifact's manifest recorded.
 """
 
 from __future__ import annotations
@@ -42,3 +46,57 @@ def split_inputs(split: str, image_size: tuple[int, int]) -> tuple[np.ndarray, n
     """Model inputs ``(N, 1, h, w)`` and labels of one split, resized as the model needs."""
     s = digits_splits()[split]
     return to_model_input(s.images, image_size), s.labels
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """An image recipe's data: model inputs ``(N, C, h, w)`` in [0, 1] and labels per split."""
+
+    inputs: dict[str, tuple[np.ndarray, np.ndarray]]
+    labels: list[str]  # class names, in label-index order
+    channels: int
+    record: dict  # the manifest's ``data`` block: where the images came from and how they were split
+
+
+def image_data(
+    dataset: str, image_size: tuple[int, int], *, channels: int = 0, progress: bool = False
+) -> ImageData:
+    """The bundled ``digits`` or an ImageFolder directory (:mod:`training.imagefolder`), split and resized.
+
+    ``channels`` 0 = from the data (digits: 1); 1 or 3 converts.
+    """
+    if dataset == "digits":
+        if channels not in (0, 1):
+            raise ValueError(f"the bundled digits are grayscale (1 channel), not {channels}")
+        splits = digits_splits()
+        inputs = {s: split_inputs(s, tuple(image_size)) for s in splits}
+        sizes = {s: len(v.labels) for s, v in splits.items()}
+        record = {"kind": "digits", "split_seed": SPLIT_SEED, "sizes": sizes}
+        return ImageData(inputs, [str(i) for i in range(10)], 1, record)
+    from training.imagefolder import load_image_folder
+
+    folder = load_image_folder(
+        dataset, tuple(image_size), channels=channels or None, seed=SPLIT_SEED, progress=progress
+    )
+    return ImageData(folder.inputs, folder.classes, folder.channels, folder.record)
+
+
+_RECORDED: dict[tuple, ImageData] = {}
+
+
+def recorded_image_data(manifest: dict, image_size: tuple[int, int]) -> ImageData:
+    """The data an artifact was trained on, from its manifest's ``data`` block (no block: the digits).
+
+    A user's folder is re-read from the recorded file lists (cached per process: export reads the splits
+    several times) and refused if its files changed since training.
+    """
+    record = manifest.get("data") or {"kind": "digits"}
+    if record["kind"] == "digits":
+        return image_data("digits", image_size)
+    key = (record["sha256"], tuple(image_size))
+    if key not in _RECORDED:
+        from training.imagefolder import reload_image_folder
+
+        folder = reload_image_folder(record, tuple(image_size))
+        _RECORDED[key] = ImageData(folder.inputs, folder.classes, folder.channels, record)
+    return _RECORDED[key]

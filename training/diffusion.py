@@ -1,4 +1,6 @@
-"""Diffusion trainer (task ``image-generation``): class-conditional ε-prediction on 16×16 digits.
+"""Diffusion trainer (task ``image-generation``): class-conditional ε-prediction on 16×16 digits, or on a
+user's grayscale ImageFolder (``recipe.dataset``; colour images are trained on as luminance, the
+denoiser and the served PNGs being 1-channel).
 
 The objective is DDPM's simplified loss (Ho et al., "Denoising Diffusion Probabilistic Models", NeurIPS
 2020, eq. 14): ``x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε`` with ``t`` uniform over the training steps and
@@ -27,24 +29,20 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from kiln.artifacts import save_artifact
-from kiln.imaging import resize_bilinear
 from model_zoo import create_model
 from model_zoo.schedulers.schedule import NoiseSchedule
-from training.data import digits_splits
+from training.data import image_data
 from training.recipes import DiffusionRecipe
 from training.trainer import TrainResult, lr_at, run_dir, training_block
 
-NUM_CLASSES = 10
-NULL_LABEL = NUM_CLASSES  # the label index of "no class" (classifier-free guidance)
 VAL_SEED = 1234  # the validation (t, ε) draw is the same for every run, so val losses compare across runs
 VAL_REPEATS = 2  # noisy copies of each validation image (different t, ε)
 
 
-def _images(split: str, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One split as ``(N, 1, h, w)`` images in [-1, 1] (white ink on black) and its labels."""
-    s = digits_splits()[split]
-    x = resize_bilinear(s.images, size)[:, None] * 2.0 - 1.0
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(s.labels)
+def _images(inputs: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split's ``(N, 1, h, w)`` inputs in [0, 1] as images in [-1, 1] (white ink on black) + labels."""
+    x, y = inputs
+    return torch.from_numpy(np.ascontiguousarray(x * 2.0 - 1.0, dtype=np.float32)), torch.from_numpy(y)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -94,14 +92,27 @@ def denoising_loss(
 def train_diffusion(
     name: str, recipe: DiffusionRecipe, *, epochs: int, seed: int = 0, progress: bool = True
 ) -> TrainResult:
-    """Train ``recipe`` on the bundled digits and save the best-on-val EMA weights as artifact ``name``."""
+    """Train ``recipe`` on its dataset and save the best-on-val EMA weights as artifact ``name``."""
+    if recipe.channels not in (0, 1):
+        raise ValueError(
+            f"{name}: the diffusion recipes generate 1-channel (grayscale) images; --channels "
+            f"{recipe.channels} is not supported (colour images are trained on as luminance)"
+        )
+    data = image_data(recipe.dataset, recipe.image_size, channels=1, progress=progress)
+    num_classes = len(data.labels)
+    null_label = num_classes
+    args = dict(recipe.model_args)
+    if recipe.dataset != "digits":  # the label embedding follows the user's classes
+        if recipe.image_size[0] != recipe.image_size[1]:
+            raise ValueError(f"{name}: the UNet takes square images; image_size is {recipe.image_size}")
+        args = {**args, "num_classes": num_classes, "image_size": recipe.image_size[0]}
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     schedule = NoiseSchedule(kind=recipe.schedule, num_train_timesteps=recipe.num_train_timesteps)
     alphas_cumprod = schedule.alphas_cumprod().float()
     T = schedule.num_train_timesteps
-    x_train, y_train = _images("train", recipe.image_size)
-    x_val, y_val = _images("val", recipe.image_size)
+    x_train, y_train = _images(data.inputs["train"])
+    x_val, y_val = _images(data.inputs["val"])
 
     # The held-out draw: each validation image VAL_REPEATS times, t stratified over [0, T), fixed ε.
     val_gen = torch.Generator().manual_seed(VAL_SEED)
@@ -109,7 +120,7 @@ def train_diffusion(
     t_val = (torch.arange(len(x_val)) * T // len(x_val))[torch.randperm(len(x_val), generator=val_gen)]
     eps_val = torch.randn(x_val.shape, generator=val_gen)
 
-    model = create_model(recipe.architecture, **recipe.model_args)
+    model = create_model(recipe.architecture, **args)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
@@ -129,7 +140,7 @@ def train_diffusion(
             idx = order[i : i + recipe.batch_size]
             x0 = _augment(x_train[idx], gen) if recipe.augment else x_train[idx]
             labels = y_train[idx].clone()
-            labels[torch.rand(len(idx), generator=gen) < recipe.label_dropout] = NULL_LABEL
+            labels[torch.rand(len(idx), generator=gen) < recipe.label_dropout] = null_label
             t = torch.randint(0, T, (len(idx),), generator=gen)
             eps = torch.randn(x0.shape, generator=gen)
             loss = F.mse_loss(model(_noisy(x0, t, eps, alphas_cumprod), t, labels), eps)
@@ -167,15 +178,15 @@ def train_diffusion(
     manifest = {
         **ema.kiln_config,
         "task": recipe.task,
-        "labels": [str(i) for i in range(NUM_CLASSES)],
-        "null_label": NULL_LABEL,
+        "labels": data.labels,
+        "null_label": null_label,
         "prediction": "epsilon",
         "schedule": schedule.to_dict(),
         "image": {
             "size": size,
             "channels": 1,
             "value_range": [-1.0, 1.0],
-            "note": "white ink (1) on black (-1)",
+            "note": "white ink (1) on black (-1)" if recipe.dataset == "digits" else "luminance 2·v/255 − 1",
         },
         "inputs": [
             {"name": "sample", "datatype": "FP32", "shape": [-1, 1, *size]},
@@ -184,6 +195,7 @@ def train_diffusion(
         ],
         "outputs": [{"name": "noise", "datatype": "FP32", "shape": [-1, 1, *size]}],
         "metrics": metrics,
+        "data": data.record,
         "training": training_block(
             name,
             recipe,

@@ -44,10 +44,12 @@ class Recipe:
 
 @dataclass(frozen=True)
 class ClassifierRecipe(Recipe):
-    """Supervised image classification on the bundled digits (``training.classification``)."""
+    """Supervised image classification (``training.classification``) on the bundled digits or, with
+    ``dataset`` an ImageFolder directory (``kiln train NAME --data DIR --name MINE``), on a user's images."""
 
     task: str = "image-classification"
-    dataset: str = "digits"
+    dataset: str = "digits"  # "digits" or an ImageFolder directory (training.imagefolder)
+    channels: int = 0  # 0 = from the data (1 grayscale, 3 RGB)
     image_size: tuple[int, int] = (32, 32)  # digits are 8×8; the ViTs see them upsampled to 32×32
     epochs: int = 60
     batch_size: int = 64
@@ -64,10 +66,12 @@ class ClassifierRecipe(Recipe):
 
 @dataclass(frozen=True)
 class DiffusionRecipe(Recipe):
-    """Class-conditional ε-prediction diffusion on the bundled digits (``training.diffusion``)."""
+    """Class-conditional ε-prediction diffusion (``training.diffusion``) on the bundled digits or a
+    grayscale ImageFolder directory (``dataset``)."""
 
     task: str = "image-generation"
-    dataset: str = "digits"
+    dataset: str = "digits"  # "digits" or an ImageFolder directory (training.imagefolder)
+    channels: int = 0  # 0 = from the data; the denoiser and its serving are 1-channel (grayscale) only
     image_size: tuple[int, int] = (16, 16)
     epochs: int = 30  # ~600 steps: recognisable digits in under 5 minutes on 2 cores
     batch_size: int = 64
@@ -126,6 +130,8 @@ class EmbeddingRecipe(Recipe):
 
     task: str = "embedding"
     method: str = "independent"
+    dataset: str = "digits"  # "digits" or an ImageFolder directory (old / independent methods)
+    channels: int = 0  # 0 = from the data (1 grayscale, 3 RGB)
     classes: tuple[int, ...] = tuple(range(10))
     old_model: str = ""
     reference_model: str = ""

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from kiln.artifacts import Artifact, ArtifactError, get_artifact, load_torch_model, save_artifact
 from model_zoo import create_model
 from model_zoo.embedding import BT2EmbeddingNet, rebase_orthogonal
-from training.data import split_inputs
+from training.data import ImageData, image_data, split_inputs
 from training.recipes import EmbeddingRecipe
 from training.trainer import TrainResult, lr_at, run_dir, training_block
 
@@ -76,10 +76,11 @@ def split_tensors(split: str, image_size: tuple[int, int]) -> tuple[torch.Tensor
 
 
 def query_gallery(
-    split: str, image_size: tuple[int, int] = (16, 16)
+    split: str, image_size: tuple[int, int] = (16, 16), source: ImageData | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """A fixed, stratified half/half query/gallery division of a split's images (BT²'s protocol)."""
-    x, y = split_inputs(split, tuple(image_size))
+    """A fixed, stratified half/half query/gallery division of a split's images (BT²'s protocol); the
+    digits', or ``source``'s (a user's ImageFolder, already at ``image_size``)."""
+    x, y = source.inputs[split] if source is not None else split_inputs(split, tuple(image_size))
     q, g = train_test_split(np.arange(len(y)), test_size=0.5, stratify=y, random_state=GALLERY_SEED)
     return {"query": (x[q], y[q]), "gallery": (x[g], y[g])}
 
@@ -127,10 +128,11 @@ def compatibility_table(
     compat_dims: int | None,
     split: str = "test",
     image_size: tuple[int, int] = (16, 16),
+    source: ImageData | None = None,
 ) -> dict[str, dict[str, float]]:
     """BT²'s cases on ``split``: old/old, and with a new model new/old (its first ``compat_dims`` dims
     against the old gallery) and new/new."""
-    qg = query_gallery(split, image_size)
+    qg = query_gallery(split, image_size, source)
     (xq, yq), (xg, yg) = qg["query"], qg["gallery"]
     old_q, old_g = embed_images(old, xq), embed_images(old, xg)
     table = {"old/old": retrieval_metrics(old_q, yq, old_g, yg)}
@@ -251,22 +253,32 @@ def require_artifact(name: str) -> Artifact:
 def train_embedding(
     name: str, recipe: EmbeddingRecipe, *, epochs: int, seed: int = 0, progress: bool = True
 ) -> TrainResult:
-    """Train one embedding recipe on the bundled digits and save it as artifact ``name``."""
+    """Train one embedding recipe on its dataset and save it as artifact ``name``.
+
+    A user's ImageFolder (``recipe.dataset``) trains the ``old`` / ``independent`` methods on all its
+    classes, on luminance (the served embedding routes decode grayscale images).
+    """
     if recipe.method not in METHODS:
         raise ValueError(f"unknown method {recipe.method!r}; valid: {list(METHODS)}")
     if recipe.method in ("bct", "bt2", "oca") and not recipe.old_model:
         raise ValueError(f"{name}: method {recipe.method!r} needs old_model")
     if recipe.method == "bt2" and not recipe.reference_model:
         raise ValueError(f"{name}: BT² needs reference_model (the independently trained new model)")
+    source, classes, args = None, recipe.classes, dict(recipe.model_args)
+    if recipe.dataset != "digits":
+        source, classes, args = _user_data(name, recipe, progress)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x_all, y_all = split_tensors("train", recipe.image_size)
-    keep = torch.isin(y_all, torch.tensor(recipe.classes))
+    if source is None:
+        x_all, y_all = split_tensors("train", recipe.image_size)
+    else:
+        x_all, y_all = (torch.from_numpy(a) for a in source.inputs["train"])
+    keep = torch.isin(y_all, torch.tensor(classes))
     if recipe.train_per_class > 0:
         keep &= _first_per_class(y_all, recipe.train_per_class)
     x_train, y_train = x_all[keep], y_all[keep]
 
-    model = create_model(recipe.architecture, **recipe.model_args)
+    model = create_model(recipe.architecture, **args)
     d_old = model.compat_dim
     weights = recipe.loss_weights or DEFAULT_LOSS_WEIGHTS.get(recipe.method, ())
     frozen = _Frozen()
@@ -366,7 +378,9 @@ def train_embedding(
     metrics: dict[str, float] = {"train_seconds": round(seconds, 1)}
     for split in ("val", "test"):
         if frozen.old is None:  # old or independent: its own retrieval
-            table = {"self": compatibility_table(model, None, None, split, recipe.image_size)["old/old"]}
+            table = {
+                "self": compatibility_table(model, None, None, split, recipe.image_size, source)["old/old"]
+            }
         else:
             table = compatibility_table(frozen.old, model, d_old, split, recipe.image_size)
         for case, m in table.items():
@@ -398,7 +412,7 @@ def train_embedding(
             "normalized": True,
             "compatible": compatible,
         },
-        "labels": [str(c) for c in recipe.classes],
+        "labels": source.labels if source is not None else [str(c) for c in recipe.classes],
         "preprocess": {
             "kind": "grayscale-image",
             "size": list(recipe.image_size),
@@ -408,6 +422,7 @@ def train_embedding(
         "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 1, *recipe.image_size]}],
         "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, model.embed_dim]}],
         "metrics": {**metrics, "parameters": sum(p.numel() for p in model.parameters())},
+        **({"data": source.record} if source is not None else {}),
         "training": training_block(
             name,
             recipe,
@@ -422,6 +437,31 @@ def train_embedding(
     artifact = save_artifact(name, weights_path, manifest, labels={"task": recipe.task})
     headline = {k: v for k, v in metrics.items() if k.startswith("val_") and k.endswith("top1")}
     return TrainResult(artifact, seconds, headline)
+
+
+def _user_data(name: str, recipe: EmbeddingRecipe, progress: bool) -> tuple[ImageData, tuple[int, ...], dict]:
+    """A user's ImageFolder for ``old`` / ``independent``: its data, all its classes, the model's args."""
+    if recipe.method not in ("old", "independent"):
+        raise ValueError(
+            f"{name}: --data trains the old / independent embedding methods (embed-old, "
+            f"embed-new-independent); {recipe.method!r} is compatible with an old model trained on digits"
+        )
+    if recipe.channels not in (0, 1):
+        raise ValueError(
+            f"{name}: the embedding routes decode grayscale images; --channels {recipe.channels} is not "
+            "supported (colour images are trained on as luminance)"
+        )
+    source = image_data(recipe.dataset, recipe.image_size, channels=1, progress=progress)
+    for split in ("val", "test"):  # the query/gallery halves need two images of each class
+        counts = np.bincount(source.inputs[split][1], minlength=len(source.labels))
+        if counts.min() < 2:
+            few = source.labels[int(counts.argmin())]
+            raise ValueError(
+                f"{name}: class {few!r} has {counts.min()} {split}-split image(s); retrieval's "
+                "query/gallery halves need two (about 10 images a class)"
+            )
+    classes = tuple(range(len(source.labels)))
+    return source, classes, {**recipe.model_args, "num_classes": len(classes)}
 
 
 TINY_RECIPES: dict[str, EmbeddingRecipe] = {

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from kiln.imaging import resize_bilinear, to_model_input
+from kiln.imaging import to_model_input
 from serving.agent.tools import Tool
 from serving.images import decode_images
 from serving.model import LoadedModel
@@ -27,15 +27,12 @@ class Classifier(LoadedModel):
     def __init__(self, art, config):
         super().__init__(art, config)
         self.image_size = tuple(art.manifest["preprocess"]["size"])
-        self.channels = int(art.manifest["preprocess"].get("channels", 1))  # 3: imported RGB models
+        self.channels = int(art.manifest["preprocess"].get("channels", 1))  # 3: an RGB model
 
     async def classify(self, images: np.ndarray, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, H, W)`` (``(N, H, W, 3)`` for an RGB model) images in [0, 1] → (predicted label
-        indices, probabilities)."""
-        if self.channels == 3:
-            x = resize_bilinear(np.moveaxis(np.asarray(images, np.float32), -1, 1), self.image_size)
-        else:
-            x = to_model_input(images, self.image_size)
+        """``(N, H, W)`` (``(N, 3, H, W)`` for an RGB model) images in [0, 1] → (predicted label indices,
+        probabilities)."""
+        x = to_model_input(images, self.image_size)
         logits = (await self.infer({self.inputs[0].name: x}, backend))[self.outputs[0].name]
         z = logits - logits.max(axis=-1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
@@ -45,7 +42,8 @@ class Classifier(LoadedModel):
 class ClassifyRequest(BaseModel):
     image: list[Any] | str = Field(
         description="Nested list H×W of values in [0, 1] (ink = 1), or a base64-encoded PNG/JPEG "
-        "(white ink on black, as the training digits)."
+        "(white ink on black, as the training digits); for a model trained on RGB images, 3×H×W or a "
+        "colour PNG/JPEG."
     )
     model: str = Field("vit-soft", description="A loaded classifier (GET /v2/repository/index lists them).")
     version: str = Field("", description="A loaded version; default the newest.")

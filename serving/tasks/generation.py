@@ -20,7 +20,7 @@ import base64
 import io
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -128,9 +128,13 @@ class Generator(LoadedModel):
             async with self._exclusive:
                 return await arun_sampler(loop, denoise)
 
-    def _labels(self, label: int | None, n: int) -> torch.Tensor | None:
+    def _labels(self, label: int | str | None, n: int) -> torch.Tensor | None:
         if label is None:
             return None
+        if isinstance(label, str):  # a class name: the model's labels (a user's folder names)
+            if label not in self.labels:
+                raise InferenceError(400, f"label {label!r} is not a class of {self.name}: {self.labels}")
+            label = self.labels.index(label)
         if not 0 <= label < self.num_classes:
             raise InferenceError(400, f"label must be in [0, {self.num_classes - 1}] or null, got {label}")
         return torch.full((n,), label, dtype=torch.long)
@@ -141,7 +145,7 @@ class Generator(LoadedModel):
         self,
         *,
         n: int,
-        label: int | None,
+        label: int | str | None,
         steps: int,
         sampler: str,
         seed: int,
@@ -204,7 +208,7 @@ class Generator(LoadedModel):
         latent: np.ndarray,
         previous: np.ndarray,
         *,
-        label: int | None,
+        label: int | str | None,
         steps: int,
         gamma: float,
         guidance: float,
@@ -230,6 +234,10 @@ class Generator(LoadedModel):
 Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 
 
+# A class index or a class name (the manifest's labels: the folder names of a model trained on your images).
+LabelRef = Annotated[int, Field(ge=0)] | str
+
+
 class _Target(BaseModel):
     model: str = Field("diffusion-digits", description="A loaded image-generation model.")
     version: str = Field("", description="A loaded version; default the newest.")
@@ -240,7 +248,9 @@ class _Target(BaseModel):
 
 class GenerateRequest(_Target):
     n: int = Field(ge=1, le=MAX_IMAGES, description="How many images.")
-    label: int | None = Field(None, ge=0, description="Digit class to generate; null = unconditional.")
+    label: LabelRef | None = Field(
+        None, description="Class to generate, by index or name (digits: 0-9); null = unconditional."
+    )
     steps: int = Field(20, ge=2, le=1000, description="Sampler steps.")
     sampler: Sampler = Field("ddim", description="ddpm (ancestral), ddim, time-shift (DDIM) or bdia (DDIM).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed + settings → same images.")
@@ -262,12 +272,12 @@ class GenerateResponse(BaseModel):
     sampler: str
     steps: int
     seed: int
-    label: int | None
+    label: int | str | None
 
 
 class _BDIASettings(_Target):
-    label: int | None = Field(
-        None, ge=0, description="Class the image is inverted under; null = unconditional."
+    label: LabelRef | None = Field(
+        None, description="Class (index or name) the image is inverted under; null = unconditional."
     )
     steps: int = Field(50, ge=2, le=1000, description="BDIA steps (the same for invert and reconstruct).")
     gamma: float = Field(
@@ -292,7 +302,7 @@ class InvertResponse(BaseModel):
     previous: list[list[float]] = Field(description="BDIA's second state, one step cleaner.")
     model: str
     version: str
-    label: int | None
+    label: int | str | None
     steps: int
     gamma: float
     guidance: float

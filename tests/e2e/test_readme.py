@@ -59,6 +59,7 @@ def _all_blocks() -> list[tuple[str, str, str]]:
 OWN_TESTS = {
     "## Serve a Triton model repository": "tests/e2e/test_readme_triton.py",
     "## Import a Hugging Face or sentence-transformers model": "tests/e2e/test_readme_hf_import.py",
+    "## Train on your own images": "tests/integration/test_train_your_data.py",
 }
 
 
@@ -76,8 +77,8 @@ def _not_run(heading: str, lang: str, code: str) -> str:
         return f"starts a server of its own: run as written by {_own_test(code)}"
     if heading == "Quick start":
         return "make targets: test_quick_start_commands_are_make_targets"
-    if lang in ("sh", "json"):
-        return "configuration, not a request (the agent's LLM settings; an MCP client's config)"
+    if lang in ("sh", "json", "text"):
+        return "configuration or a layout, not a request (the agent's LLM settings; an MCP client's config)"
     if code.startswith("# needs an LLM"):
         return "needs an LLM: run against the scripted LLM double by tests/integration/test_agent.py"
     return ""
@@ -88,7 +89,7 @@ EXAMPLES = [(h, lang, code) for h, lang, code in _all_blocks() if not _not_run(h
 
 def test_the_readme_examples_are_found_and_every_skipped_block_says_why():
     blocks = _all_blocks()
-    assert {lang for _, lang, _ in blocks} == {"bash", "sh", "python", "json"}
+    assert {lang for _, lang, _ in blocks} == {"bash", "sh", "python", "json", "text"}
     assert len(EXAMPLES) >= 12
     headings = {h for h, _, _ in EXAMPLES}
     assert {

@@ -250,3 +250,13 @@ def test_generation_metrics_and_openapi(server):
     for path in ("/generate", "/invert", "/reconstruct", "/classify"):
         assert "post" in spec["paths"][path], path
         assert "requestBody" in spec["paths"][path]["post"], path
+
+
+def test_label_by_class_name(server):
+    """`label` names a class of the model's labels (a user's folder names; the digits' are "0".."9")."""
+    by_name = _generate(server, label="3")
+    assert by_name.status_code == 200, by_name.text
+    assert by_name.json()["label"] == "3"
+    assert by_name.json()["images"] == _generate(server, label=3).json()["images"]
+    r = _generate(server, label="cat")
+    assert r.status_code == 400 and "label 'cat' is not a class of diffusion-digits" in r.json()["error"]
