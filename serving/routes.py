@@ -27,6 +27,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kiln import __version__
 from serving.metrics import UNKNOWN_MODEL, record_request
@@ -112,6 +113,10 @@ def error_response(exc: InferenceError) -> JSONResponse:
 def internal_error_response(method: str, path: str, exc: BaseException, request_id: str = "") -> JSONResponse:
     """The 500 for an unexpected exception: logged with a request id (the client's ``X-Request-Id`` when
     it sent a plain one, else a new one) that the body and the ``X-Request-Id`` header carry."""
+    if isinstance(exc, ClientDisconnect):  # the client left mid-body: nobody to answer, nothing broke
+        log.debug("client disconnected before its request body was read: %s %s", method, path)
+        gone = "client disconnected before its request body was read"
+        return JSONResponse({"error": gone}, status_code=499)
     request_id = request_id if _CLIENT_REQUEST_ID.match(request_id or "") else uuid.uuid4().hex
     log.error("unhandled error serving %s %s (request id %s)", method, path, request_id, exc_info=exc)
     return JSONResponse(
