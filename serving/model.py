@@ -182,14 +182,19 @@ class LoadedModel:
             # UNAVAILABLE: the repository records the reason, the other models keep serving.
             self.close()
             raise RuntimeError(f"{art.tag}: backend {backend!r} failed to load: {exc}") from exc
-        for backend in self.batchers:
-            metrics.MODEL_READY.labels(model=self.name, version=self.version, backend=backend).set(1)
+        self.mark_ready()
         self.backends = list(self.batchers)
         self.platform = PLATFORMS[self.backends[0]]
         self.loaded_at = time.time()
 
     def ready(self) -> bool:
         return bool(self.batchers)
+
+    def mark_ready(self) -> None:
+        """``kiln_model_ready`` 1 for every loaded backend; again after a reload, when the replaced copy's
+        close() zeroed the same labels."""
+        for backend in self.batchers:
+            metrics.MODEL_READY.labels(model=self.name, version=self.version, backend=backend).set(1)
 
     def resolve_backend(self, backend: str | None) -> str:
         if backend in (None, ""):

@@ -225,6 +225,9 @@ class ModelRepository:
         old = loaded.get(model.version)
         if old is not None:  # a reload: the old copy no longer gets requests
             await self._drain_and_close(old)
+            mark_ready = getattr(model, "mark_ready", None)  # the old copy's close() zeroed the same labels
+            if mark_ready is not None:
+                mark_ready()
         return model
 
     async def unload(

@@ -215,8 +215,7 @@ class TritonRepository:
                 while old.in_flight and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
                 old.close()  # its ready gauge has the fresh copy's labels: set them again
-                for backend in fresh.backends:
-                    metrics.MODEL_READY.labels(model=name, version=version, backend=backend).set(1)
+                fresh.mark_ready()
 
     async def _unload(self, repo: ModelRepository, name: str, version: str) -> None:
         try:

@@ -182,3 +182,17 @@ def test_explicit_loads_by_name_and_version(served):
         assert err.value.status == 400 and "not a Triton version" in err.value.message
 
     asyncio.run(scenario())
+
+
+def test_an_admin_reload_leaves_the_ready_gauge_at_one(served):
+    """ModelRepository.load of a loaded version (Triton's reload): the old copy's close() zeroes
+    kiln_model_ready for labels the fresh copy shares; the fresh copy marks them ready again."""
+    from serving import metrics
+
+    _, repo, _ = served
+    old = repo.get("scale", "3")
+    gauge = metrics.MODEL_READY.labels(model="scale", version="3", backend=old.backends[0])
+    assert gauge._value.get() == 1
+    fresh = asyncio.run(repo.load("scale"))
+    assert fresh is not old and fresh.version == "3" and not old.ready()
+    assert gauge._value.get() == 1
