@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 from serverproc import start_server, stop_server
 
 TEXTS = ["the cat sat on the mat", "hello world", "a very good movie", "kiln is not slow"]
+WRITER = "hf-import-writer"
 MODELS = "hf-st,hf-clf,hf-vit,plain-onnx"
 
 
@@ -75,7 +76,9 @@ def imported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(imported):
     home, paths = imported
-    srv = start_server(home, timeout=600, env={"KILN_MODELS": MODELS, "KILN_DEMO_GALLERIES": ""})
+    srv = start_server(
+        home, timeout=600, env={"KILN_MODELS": MODELS, "KILN_DEMO_GALLERIES": "", "KILN_WRITE_TOKEN": WRITER}
+    )
     yield srv, paths, home
     stop_server(srv.process)
 
@@ -127,7 +130,8 @@ def test_openai_embeddings_match_sentence_transformers(served):
 
 def test_an_imported_embedder_indexes_a_gallery(served):
     srv, _, _ = served
-    post = lambda path, body: httpx.post(f"{srv.http}{path}", json=body, timeout=120)  # noqa: E731
+    auth = {"Authorization": f"Bearer {WRITER}"}  # gallery create and upsert need the write scope
+    post = lambda path, body: httpx.post(f"{srv.http}{path}", json=body, timeout=120, headers=auth)  # noqa: E731
     assert post("/galleries/texts", {"model": "hf-st"}).status_code == 200
     items = [{"id": f"t{i}", "text": t} for i, t in enumerate(TEXTS)]
     assert post("/galleries/texts/items", {"items": items}).status_code == 200

@@ -260,11 +260,14 @@ def test_a_reload_waits_for_the_sampling_loops_in_flight(srv):
 
 def test_gallery_upsert_budgets_count_and_pixels_before_decoding(server):
     """On the session's server, whose demo gallery ``digits`` is indexed by embed-old."""
+    from serving.admin import scope_token
+
     url = f"{server.http}/galleries/digits/items"
+    auth = {"Authorization": f"Bearer {scope_token('write')}"}  # gallery writes need the write scope
     big = _png(1000, 1000)  # 20 of them: 20 M pixels, over the default 16 Mi
     items = [{"id": f"isolation-big-{i}", "image": big} for i in range(20)]
-    r = httpx.post(url, json={"items": items}, timeout=120)
+    r = httpx.post(url, json={"items": items}, timeout=120, headers=auth)
     assert r.status_code == 400 and "max_image_pixels" in r.json()["error"], r.text
     many = [{"id": f"isolation-many-{i}", "image": _png(8, 8)} for i in range(1001)]
-    r = httpx.post(url, json={"items": many}, timeout=120)
+    r = httpx.post(url, json={"items": many}, timeout=120, headers=auth)
     assert r.status_code == 400 and "1001 items in one request; at most 1000" in r.json()["error"], r.text
