@@ -30,6 +30,7 @@ from serving.admin import ADMIN_TOKEN_ENV
 from serving.oip.proto import grpc_predict_v2_pb2 as pb
 from serving.oip.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
+ROOT = Path(__file__).resolve().parents[2]
 FUZZ_SECONDS = 50  # schemathesis' whole-run budget (--max-time)
 # gRPC codes a bad request may get; INTERNAL and UNKNOWN would be server bugs.
 CLIENT_ERRORS = {
@@ -47,7 +48,22 @@ POSTS_WITHOUT_BODY = {"/galleries/{name}/rollback"}
 
 
 def _served_route_bodies() -> dict[tuple[str, str], bool]:
-    """(method, path) → whether the route takes a request body, for every route the service mounts."""
+    """(method, path) → whether the route takes a request body, for every route the service mounts.
+
+    Read in a child process: building the routers here (the task modules' import-time state) left the
+    stateful gallery fuzz below unable to follow its OpenAPI links when it ran after this in one process.
+    """
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests/integration'); from test_fuzz import _route_bodies; "
+        "print(json.dumps([[m, p, b] for (m, p), b in _route_bodies().items()]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, timeout=300
+    )
+    return {(m, p): b for m, p, b in json.loads(out.stdout.splitlines()[-1])}
+
+
+def _route_bodies() -> dict[tuple[str, str], bool]:
     from serving.oip.http import create_oip_app
     from serving.repository import ModelRepository
     from serving.tasks import routers

@@ -105,8 +105,9 @@ def test_cli_data_errors_are_clear(tmp_path):
     bad.write_text("time,open,high,low,close,volume\n2024-01-01,1,2,1,1.5,1\n2024-01-02,1,0.5,1,1.5,1\n")
     r = runner.invoke(app, ["train", "forecaster-goog-daily", "--data", str(bad)])
     assert r.exit_code == 1 and "high < low in bar 1" in r.output
-    r = runner.invoke(app, ["train", "vit-soft", "--data", str(bad)])
-    assert r.exit_code == 1 and "apply to forecasters" in r.output
+    # an image recipe takes --data too now (an ImageFolder, issue 14): a bars file is no image folder
+    r = runner.invoke(app, ["train", "vit-soft", "--data", str(bad), "--name", "mine"])
+    assert r.exit_code == 1 and f"{bad} is not a directory" in r.output
     r = runner.invoke(app, ["train", "forecaster-goog-daily", "--data", str(tmp_path / "none.csv")])
     assert r.exit_code == 1 and "no bars file" in r.output
 
