@@ -267,3 +267,33 @@ def test_oip_http_generate_bad_input(server, route, body, message):
     r = httpx.post(f"{server.http}{route}", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert re.search(message, r.json()["error"]), r.text
+
+
+def test_a_cancelled_grpc_stream_stops_computing(server):
+    received: queue.Queue = queue.Queue()
+    client = tgrpc.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: received.put((result, error)))
+    before = _steps_total(server, sampler="ddpm")
+    try:
+        client.async_stream_infer(MODEL, [], parameters={"n": 4, "steps": 1000, "sampler": "ddpm", "seed": 0})
+        for step in (1, 2, 3):
+            result, error = received.get(timeout=60)
+            assert error is None and result.get_response().parameters["step"].int64_param == step
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    time.sleep(1.0)
+    first = _steps_total(server, sampler="ddpm")
+    time.sleep(2.0)
+    assert 3 <= first - before < 1000 and _steps_total(server, sampler="ddpm") == first
+
+
+def test_an_error_after_the_stream_started_is_an_error_event(server):
+    """The request's timeout (OIP parameter, µs) passes half-way: the steps so far, then the error."""
+    body = {"n": 4, "steps": 1000, "sampler": "ddpm", "seed": 0, "parameters": {"timeout": 1_000_000}}
+    with httpx.stream("POST", f"{server.http}/v2/models/{MODEL}/generate_stream", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(data) for _, data in _events(r)]
+    assert len(events) >= 2 and all("step" in e for e in events[:-1])
+    assert "timeout" in events[-1]["error"] and "images" not in events[-1]
+    assert httpx.post(f"{server.http}/generate", json=SETTINGS, timeout=60).status_code == 200
