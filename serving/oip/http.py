@@ -309,6 +309,8 @@ def create_oip_app(
             code: {"model": schemas.Error, "description": why} for code, why in doc.pop("errors", {}).items()
         }
         responses[200] = {"model": ok, "description": "OK"} if ok else {"description": "OK (empty body)"}
+        if doc.pop("streamed", False):  # server-sent events, each one's data the JSON of ``ok``
+            responses[200]["content"] = {sse.MEDIA_TYPE: {"schema": {"type": "string"}}}
         app.add_api_route(
             path,
             _guarded(handler),
@@ -438,15 +440,17 @@ def create_oip_app(
         )
         for verb, handler, what in (
             ("generate", generate, "the final response as JSON"),
-            ("generate_stream", generate_stream, "every response as a server-sent event"),
+            ("generate_stream", generate_stream, "every response as a server-sent event (text/event-stream)"),
         ):
             route(
                 f"{path}/{verb}",
                 handler,
                 "POST",
-                None,
+                schemas.GenerateResponse,
                 operation_id=f"model_{verb}{suffix}",
                 summary=f"Triton's generate extension (a model that streams, e.g. diffusion): {what}",
+                body=schemas.GenerateRequest,
+                streamed=verb == "generate_stream",
                 errors={
                     400: "Malformed request or a model that does not generate; the error names the field.",
                     413: "Body over the server's limit.",
