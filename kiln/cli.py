@@ -225,9 +225,9 @@ def serve(
         typer.Option(
             envvar="KILN_GENERATION_DEADLINE_S",
             min=0.001,
-            help="Sampling requests (/generate, /invert, /reconstruct): admitted only if, with the ones in "
-            "progress, they would finish within half of this at the measured sampling rate (else HTTP 429 "
-            "with Retry-After at arrival), and answered 504 at it. Keep it below the gateway's 60 s timeout.",
+            help="Sampling requests (/generate, /invert, /reconstruct): admitted beside the ones in progress "
+            "only if all would finish within half of this at the measured sampling rate (else HTTP 429 with "
+            "Retry-After at arrival), and answered 504 at it. Keep it below the gateway's 60 s timeout.",
         ),
     ] = 50.0,
     agent_max_tokens: Annotated[

@@ -287,30 +287,25 @@ class AdaptiveBatcher:
             rows: the rows the session will submit in all (e.g. images × steps × guidance rows).
             budget_s: admit only if the rows the sessions in progress still have to run plus ``rows``
                 take at most :data:`ADMISSION_HEADROOM` of this at the sessions' measured wall time per
-                row (before any session ended: the compute time per row); else :class:`Overloaded` with a
-                ``Retry-After`` of when they would fit. Before any batch ran there is no rate to judge by,
-                and the session is admitted.
+                row (before any session ended: the compute time per row); else :class:`Overloaded` with
+                a ``Retry-After`` of when they would fit. A session that finds no other in progress is
+                admitted whatever its estimate: it waits for no one, the rate is an average over requests
+                of other sizes (a per-step cost spread over few rows overstates the cost of many), and its
+                deadline bounds it.
         """
         self.admit(waiting=len(self._sessions))
         rate = self.session_rate
-        if budget_s is not None and rate is not None:
+        if budget_s is not None and rate is not None and self._sessions:
             ahead = self.session_work_seconds()
-            own = rows * rate
-            if ahead + own > budget_s * ADMISSION_HEADROOM:
-                if self._sessions:
-                    message = (
-                        f"{len(self._sessions)} requests in progress still need about {ahead:.1f} s of "
-                        f"compute; with this one's {rows} rows it would take about {ahead + own:.1f} s, "
-                        f"over the {budget_s * ADMISSION_HEADROOM:g} s admitted within its {budget_s:g} s "
-                        "deadline"
-                    )
-                else:
-                    message = (
-                        f"this request's {rows} rows would take about {own:.1f} s at the recent rate, over "
-                        f"the {budget_s * ADMISSION_HEADROOM:g} s admitted within its {budget_s:g} s "
-                        "deadline; ask for less work (fewer images or steps)"
-                    )
-                raise self._refuse("work", message, max(ahead + own - budget_s * ADMISSION_HEADROOM, rate))
+            total = ahead + rows * rate
+            if total > budget_s * ADMISSION_HEADROOM:
+                raise self._refuse(
+                    "work",
+                    f"{len(self._sessions)} requests in progress still need about {ahead:.1f} s; with this "
+                    f"one's {rows} rows it would take about {total:.1f} s, over the "
+                    f"{budget_s * ADMISSION_HEADROOM:g} s admitted within its {budget_s:g} s deadline",
+                    max(total - budget_s * ADMISSION_HEADROOM, rate),
+                )
         session = _Session(rows)
         if not self._sessions:
             self._session_mark, self._session_rows = time.monotonic(), 0

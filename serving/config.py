@@ -69,9 +69,10 @@ class ModelSettings:
     # Work budgets, checked before anything is decoded or computed (issue 16):
     max_text_chars: int = 2000  # characters per text input (/embed, /v1/embeddings, OIP BYTES)
     max_image_pixels: int = 16 * 1024 * 1024  # pixels of all images in one request (64 MiB as float32)
-    # A sampling request is admitted only if it (with the ones in progress) would finish within half of this
-    # at the measured sampling rate, and is answered 504 at it: below the gateway's 60 s (BentoML's traffic
-    # timeout), so a client hears 429 at arrival or 504 from Kiln, never the gateway's timeout.
+    # A sampling request is admitted beside the ones in progress only if all would finish within half of
+    # this at the measured sampling rate (serving.batching.ADMISSION_HEADROOM), and is answered 504 at it:
+    # below the gateway's 60 s (BentoML's traffic timeout), so a client hears 429 at arrival or 504 from
+    # Kiln, never the gateway's timeout.
     generation_deadline_s: float = 50.0
     explicit: frozenset[str] = field(default=frozenset(), compare=False)  # keys set for this model
 

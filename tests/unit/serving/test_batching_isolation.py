@@ -97,14 +97,9 @@ def test_sessions_are_admitted_by_their_work_against_the_measured_rate():
     async def scenario():
         await batcher.submit({"x": np.ones((100, 2), np.float32)})  # measures ~2 ms a row
         rate = batcher.row_seconds
-        try:
-            with batcher.session(rows=2000, budget_s=6.0):  # ~4 s alone: over 3 s (half of 6 s)
-                pass
-        except Overloaded as exc:
-            alone = exc
-        else:
-            alone = None
-        with batcher.session(rows=1000, budget_s=6.0):  # ~2 s: fits
+        with batcher.session(rows=2000, budget_s=6.0):  # ~4 s, over 3 s (half of 6 s), but alone: admitted
+            alone = True
+        with batcher.session(rows=1000, budget_s=6.0):  # alone again
             try:
                 with batcher.session(rows=1000, budget_s=6.0):  # ~4 s of rows in all: over 3 s
                     pass
@@ -117,11 +112,11 @@ def test_sessions_are_admitted_by_their_work_against_the_measured_rate():
         return rate, refused, alone
 
     rate, refused, alone = asyncio.run(scenario())
-    assert alone is not None and "ask for less work" in alone.message
+    assert alone
     assert rate < 0.0029  # the measurement the decisions below rest on (~2 ms, with room for a busy machine)
     assert refused is not None and refused.status == 429 and "deadline" in refused.message
     assert int(refused.retry_after) >= 1
-    assert metrics.REJECTED.labels(**labels, reason="work")._value.get() == 2
+    assert metrics.REJECTED.labels(**labels, reason="work")._value.get() == 1
     batcher.close()
 
 
@@ -137,13 +132,12 @@ def test_session_rate_counts_the_time_a_loop_spends_between_its_steps():
                 await batcher.submit({"x": np.ones((4, 2), np.float32)})
                 await asyncio.sleep(0.02)
         compute, wall = batcher.row_seconds, batcher.session_rate
-        with batcher.session(rows=100, budget_s=10):
-            pass  # alone and well within: admitted
-        try:
-            with batcher.session(rows=100, budget_s=0.3):  # ~0.5 s of loop time, only 0.1 s of compute
-                pass
-        except Overloaded as exc:
-            return compute, wall, exc
+        with batcher.session(rows=1, budget_s=10):  # in progress: the next one is judged by the rate
+            try:
+                with batcher.session(rows=100, budget_s=0.3):  # ~0.5 s of loop time, 0.1 s of compute
+                    pass
+            except Overloaded as exc:
+                return compute, wall, exc
         return compute, wall, None
 
     compute, wall, refused = asyncio.run(scenario())
