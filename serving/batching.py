@@ -2,8 +2,9 @@
 
 A request joins the queue; the batch runs when it holds ``max_batch_size`` samples or when
 ``window_ms`` has passed since its oldest request arrived, whichever is first. The window is only
-waited for when there is evidence of concurrent traffic (more than one request queued, or the previous
-batch held more than one): a lone client is not made to pay the window on every request.
+waited for when there is evidence of concurrent traffic (more than one request queued, the previous
+batch held more than one, or more than one sampling loop is in progress): a lone client is not made to
+pay the window on every request.
 ``instances`` batches run at a time (Triton's ``instance_group`` count), each on its own runtime and
 thread (onnxruntime and torch release the GIL), so while batches compute the next one fills up: under
 load batches grow by themselves even with a zero window. ``max_batch_size=1`` turns batching off (each
@@ -379,7 +380,10 @@ class AdaptiveBatcher:
             self._wakeup.clear()
             while self._queue:
                 await self._free.acquire()  # an instance is free
-                concurrent = len(self._queue) > 1 or self._last_batch_requests > 1
+                # More than one sampling loop in progress is concurrent traffic too: two loops whose steps
+                # arrive one at a time would otherwise alternate, each step a batch of its own (measured:
+                # two 100-step /generate requests, 200 steps in 200 executions), never sharing one.
+                concurrent = len(self._queue) > 1 or self._last_batch_requests > 1 or len(self._sessions) > 1
                 if not self._queue:
                     self._free.release()
                     break

@@ -90,6 +90,24 @@ class ServedModel(Protocol):
         ...
 
 
+@dataclass
+class StreamResponse:
+    """One response of a decoupled (streaming) request, Triton's term for a model that answers a request
+    with any number of responses (a sampler's steps, then its images).
+
+    A served model that streams has ``async def open_stream(parameters, backend) -> AsyncIterator[
+    StreamResponse]`` besides :meth:`ServedModel.infer`: awaiting it validates the request's
+    ``parameters`` and starts it (raising :class:`InferenceError` before any response), the iterator
+    yields the responses, the last with ``final`` set, and raises what fails later. Closing the iterator
+    early cancels the request. The front-ends (gRPC ``ModelStreamInfer``, HTTP ``generate_stream``)
+    encode the outputs and parameters.
+    """
+
+    outputs: dict[str, np.ndarray]  # by name; object arrays of bytes are BYTES
+    parameters: dict[str, bool | int | float | str]
+    final: bool
+
+
 @dataclass(eq=False)  # a live registry: compared and hashed by identity (per-repository state keys on it)
 class ModelRepository:
     """Models by name, each with one or more loaded versions, plus the ones that are not loaded and why.

@@ -69,6 +69,7 @@ def sample_steps(
     *,
     num_inference_steps: int | None = None,
     generator: torch.Generator | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Generator[DenoiseRequest, torch.Tensor, SampleResult]:
     """Sample from noise ``x_T`` with any Kiln sampler; returns a :class:`SampleResult`.
 
@@ -82,16 +83,21 @@ def sample_steps(
         keep_x0: how many of the last x̂0 to return (for the hallucination score).
         num_inference_steps: sets the sampler's steps first.
         generator: seeds stochastic samplers (DDPM, DDIM with η > 0).
+        on_step: called after each step with its index (0-based) and that step's x̂0 (N, ...), as
+            diffusers' pipelines call ``callback(i, t, latents)``: progress and previews for a server
+            that streams them. It only reads; the samples are the same with or without it.
     """
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps)
     history: deque[torch.Tensor] = deque(maxlen=keep_x0)
     x = x_T
-    for t in scheduler.timesteps:
+    for index, t in enumerate(scheduler.timesteps):
         eps = yield from _guided_eps(x, t, labels, guidance, num_classes_null_label)
         out = scheduler.step(eps, t, x, generator=generator)
         x = out.prev_sample
         history.append(out.pred_original_sample)
+        if on_step is not None:
+            on_step(index, out.pred_original_sample)
     return SampleResult(x, list(history))
 
 

@@ -38,11 +38,11 @@ from grpc_health.v1.health import aio as health_aio
 from kiln import __version__ as _KILN_VERSION
 from serving.batching import request_timeout, timeout_parameter
 from serving.metrics import UNKNOWN_MODEL, record_request
-from serving.oip import codec, control
+from serving.oip import codec, control, datatypes
 from serving.oip.http import EXTENSIONS
 from serving.oip.proto import grpc_predict_v2_pb2 as pb
 from serving.oip.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from serving.repository import InferenceError, ModelRepository, ServedModel, TensorSpec
+from serving.repository import InferenceError, ModelRepository, ServedModel, StreamResponse, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Triton's streaming inference: one response per request, in order; a failed request gets its
-        ``error_message`` and the stream goes on."""
+        """Triton's streaming inference, requests one after another in the order sent.
+
+        A request to a model that streams (decoupled, in Triton's terms: the diffusion model's generation,
+        sent with no input tensors and its settings as request parameters) gets one response per sampler
+        step and a final one with the images, each with the parameter ``triton_final_response``; any
+        other request gets one response, like Triton's non-decoupled models. A failed request gets its
+        ``error_message`` and the stream goes on. A client that cancels the stream cancels the request
+        in progress (its rows leave the denoiser batches)."""
         async for raw in requests:
             try:
                 request = pb.ModelInferRequest.FromString(raw)
@@ -167,7 +173,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
                 continue
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                async for response in self._stream_one(request):
+                    yield pb.ModelStreamInferResponse(infer_response=response)
             except InferenceError as exc:
                 yield pb.ModelStreamInferResponse(error_message=f"{_status_code(exc).name}: {exc.message}")
             except Exception as exc:
@@ -175,6 +182,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(
                     error_message=f"INTERNAL: internal server error: {type(exc).__name__}: {exc}"
                 )
+
+    async def _stream_one(self, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
+        """The responses to one request of a stream (see :meth:`ModelStreamInfer`)."""
+        model = self.repo.get(request.model_name, request.model_version)
+        open_stream = getattr(model, "open_stream", None)  # serving.repository.StreamResponse's slot
+        if open_stream is None or request.inputs:
+            yield await self._infer(request)
+            return
+        start = time.perf_counter()
+        labels = (model.name, model.version, "")
+        ok = False
+        try:
+            parameters = {
+                k: v for k, v in _parameters(request.parameters).items() if not k.startswith("triton_")
+            }  # triton_enable_empty_final_response: every response says whether it is the final one
+            backend = parameters.pop("backend", None)
+            if backend is not None and not isinstance(backend, str):
+                raise InferenceError(400, f"parameter 'backend' must be a string, got {backend!r}")
+            backend = backend or None
+            labels = (model.name, model.version, codec.backend_label(model, backend))
+            timeout = timeout_parameter(parameters)
+            parameters.pop("timeout", None)
+            codec.require_ready(model)
+            with request_timeout(timeout):  # the generation's task starts inside: it keeps the deadline
+                responses = await open_stream(parameters, backend)
+            async for response in responses:
+                yield _stream_response(model, request.id, response)
+            ok = True
+        finally:
+            record_request(*labels, "grpc", ok, time.perf_counter() - start)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         start = time.perf_counter()
@@ -493,6 +530,25 @@ def _request_tensors(request: pb.ModelInferRequest) -> list[codec.RequestTensor]
             data = list(getattr(tensor.contents, field)) if field else None
         tensors.append(codec.RequestTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
     return tensors
+
+
+def _stream_response(model: ServedModel, request_id: str, response: StreamResponse) -> pb.ModelInferResponse:
+    tensors = [
+        codec.ResponseTensor(name, datatypes.from_numpy(array.dtype), tuple(array.shape), array, True)
+        for name, array in response.outputs.items()
+    ]
+    message = _infer_response(model, request_id, tensors)
+    for key, value in {**response.parameters, "triton_final_response": response.final}.items():
+        parameter = message.parameters[key]
+        if isinstance(value, bool):
+            parameter.bool_param = value
+        elif isinstance(value, int):
+            parameter.int64_param = value
+        elif isinstance(value, float):
+            parameter.double_param = value
+        else:
+            parameter.string_param = str(value)
+    return message
 
 
 def _infer_response(

@@ -13,12 +13,23 @@ mount point::
     GET  /models/{name}[/versions/{version}]/config max_batch_size, input, output, backends (Triton-style)
     GET  /models[/{name}[/versions/{version}]]/stats  Triton's statistics extension
     POST /models/{name}[/versions/{version}]/infer  ``parameters``: backend, timeout, binary_data_output
+    POST /models/{name}[/versions/{version}]/generate         Triton's generate extension: JSON answer
+    POST /models/{name}[/versions/{version}]/generate_stream  the same as server-sent events
     POST /repository/index                          every model version, its state and the reason
     POST /repository/models/{name}/load             model control (``Bearer $KILN_ADMIN_TOKEN``)
     POST /repository/models/{name}/unload           model control
 
 Request ``parameters`` reach the model the same way over HTTP and gRPC: ``backend`` (string) picks the
 runtime. The ``?backend=`` query parameter of earlier releases still works and is deprecated.
+
+Generate (Triton's ``extension_generate.md``), for a model that streams (:class:`~serving.repository.
+StreamResponse`; the diffusion model): the body's fields are the generation's settings (``/generate``'s
+fields without model, version and backend, plus ``preview_every`` when streaming) and ``parameters``
+holds ``backend`` and ``timeout``. Each response is one JSON object: ``model_name``, ``model_version``,
+the response's parameters and its outputs by name (BYTES outputs, the PNGs, as base64 strings).
+``generate`` answers the final one; ``generate_stream`` sends every one as an SSE ``data:`` line (steps,
+then the final one), and an error after the stream started as ``data: {"error": ...}``. Errors before
+it started are the usual JSON errors.
 
 Request bodies are parsed here, not by FastAPI (the binary extension appends raw bytes to the JSON), so
 every error names the tensor or field; the pydantic models of :mod:`serving.oip.schemas` describe the
@@ -33,12 +44,13 @@ Starlette's ``Mount("/v2", app)`` only matches ``/v2/...``; a bare ``GET /v2`` g
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -46,14 +58,15 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiln import __version__ as _KILN_VERSION
+from serving import sse
 from serving.batching import request_timeout, timeout_parameter
 from serving.metrics import UNKNOWN_MODEL, record_request
 from serving.oip import codec, control, schemas
-from serving.repository import InferenceError, ModelRepository, ServedModel, TensorSpec
+from serving.repository import InferenceError, ModelRepository, ServedModel, StreamResponse, TensorSpec
 from serving.routes import REQUEST_ID_HEADER, error_response, internal_error_response, json_safe
 
 logger = logging.getLogger(__name__)
@@ -61,6 +74,7 @@ logger = logging.getLogger(__name__)
 EXTENSIONS = [
     "binary_tensor_data",
     "classification",
+    "generate",  # Triton's generate extension, for a model that streams (diffusion: generate_stream)
     "model_configuration",
     "model_repository",  # unload_dependents is accepted and moot: no Kiln model depends on another
     "statistics",
@@ -204,6 +218,85 @@ def create_oip_app(
         finally:
             record_request(*labels, "http", ok, time.perf_counter() - start)
 
+    async def open_generation(
+        request: Request, streamed: bool
+    ) -> tuple[ServedModel, str | None, AsyncIterator[StreamResponse]]:
+        """Validate a generate request and start it (raises before anything is sent)."""
+        model = _model(repo, request)
+        open_stream = getattr(model, "open_stream", None)
+        if open_stream is None:
+            streaming = sorted(
+                n
+                for n, versions in repo.models.items()
+                if any(hasattr(m, "open_stream") for m in versions.values())
+            )
+            raise InferenceError(
+                400, f"model {model.name!r} does not generate (use /infer); models that do: {streaming}"
+            )
+        body = await _read_body(request, max_request_bytes)
+        fields = _parse_json(body) if body.strip() else {}
+        parameters = _parameters(fields.pop("parameters", None), "request")
+        unknown = sorted(set(parameters) - {"backend", "timeout"})
+        if unknown:
+            raise InferenceError(
+                400,
+                f"unknown request parameters {unknown}: 'parameters' takes backend and timeout; "
+                "the generation's settings are the body's fields",
+            )
+        if not streamed and "preview_every" in fields:
+            raise InferenceError(400, "preview_every: previews are only sent by generate_stream")
+        backend = _backend(parameters, None)
+        timeout = timeout_parameter(parameters)
+        codec.require_ready(model)
+        with request_timeout(timeout):  # the generation's task starts inside: it keeps the deadline
+            responses = await open_stream(fields, backend)
+        return model, backend, responses
+
+    async def generate(request: Request) -> Response:
+        start = time.perf_counter()
+        labels = (UNKNOWN_MODEL, "", "")
+        ok = False
+        try:
+            model, backend, responses = await open_generation(request, streamed=False)
+            labels = (model.name, model.version, codec.backend_label(model, backend))
+            final = None
+            async for response in responses:
+                if response.final:
+                    final = response
+            if final is None:
+                raise InferenceError(500, f"model {model.name!r} ended its responses without a final one")
+            ok = True
+            return JSONResponse(_generate_json(model, final))
+        finally:
+            record_request(*labels, "http", ok, time.perf_counter() - start)
+
+    async def generate_stream(request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            model, backend, responses = await open_generation(request, streamed=True)
+        except BaseException:
+            record_request(UNKNOWN_MODEL, "", "", "http", False, time.perf_counter() - start)
+            raise
+        labels = (model.name, model.version, codec.backend_label(model, backend))
+
+        async def events() -> AsyncIterator[bytes]:
+            ok = False
+            try:
+                async for response in responses:
+                    yield sse.encode_event(json.dumps(_generate_json(model, response), separators=(",", ":")))
+                ok = True
+            except InferenceError as exc:
+                yield sse.encode_event(json.dumps({"error": exc.message}))
+            except Exception as exc:  # noqa: BLE001 - the stream has started: the error goes in it
+                logger.exception("unhandled error streaming %s", request.url.path)
+                yield sse.encode_event(
+                    json.dumps({"error": f"internal server error: {type(exc).__name__}: {exc}"})
+                )
+            finally:
+                record_request(*labels, "http", ok, time.perf_counter() - start)
+
+        return StreamingResponse(events(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+
     app = FastAPI(
         title="Kiln Open Inference Protocol",
         version=server_version,
@@ -219,6 +312,8 @@ def create_oip_app(
             code: {"model": schemas.Error, "description": why} for code, why in doc.pop("errors", {}).items()
         }
         responses[200] = {"model": ok, "description": "OK"} if ok else {"description": "OK (empty body)"}
+        if doc.pop("streamed", False):  # server-sent events, each one's data the JSON of ``ok``
+            responses[200]["content"] = {sse.MEDIA_TYPE: {"schema": {"type": "string"}}}
         app.add_api_route(
             path,
             _guarded(handler),
@@ -346,7 +441,40 @@ def create_oip_app(
                 **unavailable,
             },
         )
+        for verb, handler, what in (
+            ("generate", generate, "the final response as JSON"),
+            ("generate_stream", generate_stream, "every response as a server-sent event (text/event-stream)"),
+        ):
+            route(
+                f"{path}/{verb}",
+                handler,
+                "POST",
+                schemas.GenerateResponse,
+                operation_id=f"model_{verb}{suffix}",
+                summary=f"Triton's generate extension (a model that streams, e.g. diffusion): {what}",
+                body=schemas.GenerateRequest,
+                streamed=verb == "generate_stream",
+                errors={
+                    400: "Malformed request or a model that does not generate; the error names the field.",
+                    413: "Body over the server's limit.",
+                    429: "The model is over capacity.",
+                    **not_found,
+                    **unavailable,
+                },
+            )
     return app
+
+
+def _generate_json(model: ServedModel, response: StreamResponse) -> dict[str, Any]:
+    """A generate response: the model, the response's parameters, then its outputs by name (BYTES
+    elements base64-encoded: they are PNGs, which are not UTF-8)."""
+    body: dict[str, Any] = {"model_name": model.name, "model_version": model.version, **response.parameters}
+    for name, array in response.outputs.items():
+        if array.dtype == object:
+            body[name] = [base64.b64encode(bytes(v)).decode() for v in array.ravel()]
+        else:
+            body[name] = array.tolist()
+    return body
 
 
 def _operation_extra(

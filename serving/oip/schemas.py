@@ -114,6 +114,36 @@ class InferenceResponse(BaseModel):
     outputs: list[ResponseOutput]
 
 
+class GenerateParameters(BaseModel):
+    backend: str | None = Field(None, description="The runtime (default: the model's first).")
+    timeout: int | None = Field(None, ge=0, description="The request's timeout in microseconds (0 = none).")
+
+
+class GenerateRequest(BaseModel):
+    """Triton's generate extension: the body's fields are the model's generation settings."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "description": "The fields are the generation's settings: for diffusion-digits, /generate's (n, "
+            "label, steps, sampler, seed, guidance, eta, gamma, filter_hallucinations, oversample) without "
+            "model, version and backend, and preview_every for generate_stream.",
+            "examples": [{"n": 2, "label": 4, "steps": 10, "seed": 3}],
+        },
+    )
+    parameters: GenerateParameters | None = None
+
+
+class GenerateResponse(BaseModel):
+    """One generate response (generate_stream: each server-sent event's data): the model, the response's
+    parameters (a step's step, steps, t; the final one's seed, sampler, steps, backend, label) and its
+    outputs by name (a step's preview, the final images and hallucination_scores; PNGs as base64)."""
+
+    model_config = ConfigDict(extra="allow")
+    model_name: str
+    model_version: str
+
+
 class RepositoryIndexRequest(BaseModel):
     ready: bool | None = Field(None, description="Only models that are ready.")
 

@@ -18,26 +18,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kiln.imaging import resize_bilinear
 from model_zoo.schedulers import SAMPLERS, BDIASampler, NoiseSchedule, create_sampler
 from model_zoo.schedulers.hallucination import filter_lowest, hallucination_score
 from model_zoo.schedulers.loop import arun_sampler, invert_steps, reconstruct_steps, sample_steps
-from serving import metrics
+from serving import metrics, sse
 from serving.agent.tools import Tool
 from serving.batching import request_timeout
 from serving.images import decode_images
 from serving.model import LoadedModel
-from serving.repository import InferenceError, ModelRepository
+from serving.repository import InferenceError, ModelRepository, StreamResponse
 from serving.routes import observed, task_model
+
+log = logging.getLogger("kiln.serving")
 
 STEP_BATCH_ROWS = 256  # one denoiser batch: e.g. 16 concurrent requests × 8 images × 2 (guidance rows)
 MAX_IMAGES = 64  # per request
@@ -50,6 +56,24 @@ MAX_INVERSION_AMPLIFICATION = 1e3
 
 class ClientGone(Exception):
     """The client disconnected; the sampling loop stops and frees its batch slots."""
+
+
+@dataclass
+class StepEvent:
+    """One sampler step ended (a streamed generation's progress): its number (1-based) of ``steps``,
+    its nominal time step ``t``, and on preview steps PNGs of x̂0 (the predicted clean sample) of every
+    drawn sample, white ink on black."""
+
+    step: int
+    steps: int
+    t: int
+    preview: list[bytes] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"step": self.step, "steps": self.steps, "t": self.t}
+        if self.preview is not None:
+            body["preview"] = [base64.b64encode(png).decode() for png in self.preview]
+        return body
 
 
 class Generator(LoadedModel):
@@ -141,6 +165,12 @@ class Generator(LoadedModel):
 
     # --- the task's operations --------------------------------------------------------------------
 
+    async def open_stream(
+        self, parameters: dict[str, Any], backend: str | None
+    ) -> AsyncIterator[StreamResponse]:
+        """The decoupled (streaming) slot of the protocol front-ends: see :func:`open_oip_stream`."""
+        return await open_oip_stream(self, parameters, backend)
+
     async def generate(
         self,
         *,
@@ -156,8 +186,14 @@ class Generator(LoadedModel):
         filter_hallucinations: bool,
         oversample: float,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
+        on_step: Callable[[StepEvent], None] | None = None,
+        preview_every: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` images (n, H, W) in [-1, 1] and their hallucination scores."""
+        """``n`` images (n, H, W) in [-1, 1] and their hallucination scores.
+
+        ``on_step`` hears of every step as it ends (a :class:`StepEvent`), with PNGs of x̂0 of every
+        drawn sample each ``preview_every`` steps; the images are the same with or without it.
+        """
         drawn = int(np.ceil(n * oversample)) if filter_hallucinations else n
         options = {"ddim": {"eta": eta}, "time-shift": {"eta": eta}, "bdia": {"gamma": gamma}}.get(
             sampler, {}
@@ -165,6 +201,18 @@ class Generator(LoadedModel):
         scheduler = create_sampler(sampler, self.schedule, **options)
         rng = torch.Generator().manual_seed(seed)
         noise = torch.randn((drawn, 1, *self.image_size), generator=rng)
+
+        def step_ended(index: int, x0: torch.Tensor) -> None:
+            # the nominal time step: time shift evaluates each sample at its own, near this one
+            timesteps = getattr(scheduler, "nominal_timesteps", None)
+            if timesteps is None:
+                timesteps = scheduler.timesteps
+            step = index + 1
+            preview = None
+            if preview_every is not None and step % preview_every == 0:
+                preview = [_png_bytes((img + 1.0) / 2.0) for img in x0[:, 0].clamp(-1, 1).numpy()]
+            on_step(StepEvent(step=step, steps=len(timesteps), t=int(timesteps[index]), preview=preview))
+
         loop = sample_steps(
             scheduler,
             noise,
@@ -174,6 +222,7 @@ class Generator(LoadedModel):
             keep_x0=HALLUCINATION_WINDOW,
             num_inference_steps=steps,
             generator=rng,
+            on_step=None if on_step is None else step_ended,
         )
         rows = self.work_rows(drawn, steps, label, guidance)
         result = await self._run(loop, self._denoiser(backend, sampler, disconnected), backend, rows)
@@ -263,6 +312,32 @@ class GenerateRequest(_Target):
     oversample: float = Field(2.0, ge=1.0, le=4.0, description="Draw n × oversample when filtering.")
 
 
+class _StreamOptions(BaseModel):
+    preview_every: int | None = Field(
+        None,
+        ge=1,
+        description="When streaming: a PNG preview of x̂0 (the predicted clean image) of every drawn sample "
+        "each this many steps; null = no previews.",
+    )
+
+
+class StreamedGenerateRequest(GenerateRequest, _StreamOptions):
+    """``/generate``'s body: the ``generate`` tool's request, plus streaming."""
+
+    stream: bool = Field(
+        False,
+        description="Answer text/event-stream: a `step` event per sampler step, then a `result` event "
+        "whose data is the non-streamed answer.",
+    )
+
+
+class _OIPGenerateRequest(GenerateRequest, _StreamOptions):
+    """A generation over the Open Inference Protocol: the settings come as request parameters (gRPC) or
+    fields (HTTP generate extension); model, version and backend come from the protocol."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class GenerateResponse(BaseModel):
     images: list[str] = Field(description="Base64 PNGs, white ink on black.")
     hallucination_scores: list[float] = Field(description="Variance of x̂0 over the last 10 steps.")
@@ -325,12 +400,16 @@ class ReconstructResponse(BaseModel):
     version: str
 
 
-def _png(image01: np.ndarray) -> str:
+def _png_bytes(image01: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray((np.clip(image01, 0, 1) * 255).round().astype(np.uint8), mode="L").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def _png(image01: np.ndarray) -> str:
+    return base64.b64encode(_png_bytes(image01)).decode()
 
 
 def _state(values: list[list[float]], field: str, size: tuple[int, int]) -> np.ndarray:
@@ -355,37 +434,58 @@ def _target(repo: ModelRepository, req: _Target, labels: dict) -> tuple[Generato
 
 
 async def generate_images(
-    repo: ModelRepository, req: GenerateRequest, disconnected: Callable[[], Awaitable[bool]] | None = None
+    repo: ModelRepository,
+    req: GenerateRequest,
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
+    *,
+    on_step: Callable[[StepEvent], None] | None = None,
+    preview_every: int | None = None,
 ) -> GenerateResponse:
     """Sample digits (the ``/generate`` route and the ``generate`` tool both run this)."""
     with observed() as labels:
         served, backend = _target(repo, req, labels)
-        drawn = req.n * (req.oversample if req.filter_hallucinations else 1)
-        if drawn * req.steps > MAX_WORK:
-            raise InferenceError(
-                400,
-                f"n × steps{' × oversample' if req.filter_hallucinations else ''} = "
-                f"{drawn * req.steps:g} is over the per-request limit of {MAX_WORK}; "
-                "ask for fewer images or steps",
-            )
-        seed = req.seed if req.seed is not None else secrets.randbits(63)
-        try:
-            images, scores = await served.generate(
-                n=req.n,
-                label=req.label,
-                steps=req.steps,
-                sampler=req.sampler,
-                seed=seed,
-                guidance=req.guidance,
-                eta=req.eta,
-                gamma=req.gamma,
-                backend=backend,
-                filter_hallucinations=req.filter_hallucinations,
-                oversample=req.oversample,
-                disconnected=disconnected,
-            )
-        except ClientGone:
-            raise InferenceError(499, "client closed the request") from None
+        return await _generate(
+            served, backend, req, disconnected=disconnected, on_step=on_step, preview_every=preview_every
+        )
+
+
+async def _generate(
+    served: Generator,
+    backend: str,
+    req: GenerateRequest,
+    *,
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+    preview_every: int | None = None,
+) -> GenerateResponse:
+    drawn = req.n * (req.oversample if req.filter_hallucinations else 1)
+    if drawn * req.steps > MAX_WORK:
+        raise InferenceError(
+            400,
+            f"n × steps{' × oversample' if req.filter_hallucinations else ''} = "
+            f"{drawn * req.steps:g} is over the per-request limit of {MAX_WORK}; "
+            "ask for fewer images or steps",
+        )
+    seed = req.seed if req.seed is not None else secrets.randbits(63)
+    try:
+        images, scores = await served.generate(
+            n=req.n,
+            label=req.label,
+            steps=req.steps,
+            sampler=req.sampler,
+            seed=seed,
+            guidance=req.guidance,
+            eta=req.eta,
+            gamma=req.gamma,
+            backend=backend,
+            filter_hallucinations=req.filter_hallucinations,
+            oversample=req.oversample,
+            disconnected=disconnected,
+            on_step=on_step,
+            preview_every=preview_every,
+        )
+    except ClientGone:
+        raise InferenceError(499, "client closed the request") from None
     return GenerateResponse(
         images=[_png((img + 1.0) / 2.0) for img in images],
         hallucination_scores=[float(s) for s in scores],
@@ -399,13 +499,159 @@ async def generate_images(
     )
 
 
+class GenerationStream:
+    """A generation running in its own task, read as its :class:`StepEvent` s and then its answer.
+
+    :meth:`open` starts it and waits for its first step, so a request refused before sampling began
+    (bad settings, admission control's 429, an unknown backend) raises there, before anything was sent;
+    iterating yields the steps and then the :class:`GenerateResponse`, and raises what failed after.
+    Leaving the iteration early (the client went away) cancels the task: its queued denoiser rows leave
+    the batch and its step-level batching session ends (:meth:`serving.batching.AdaptiveBatcher.session`).
+    """
+
+    def __init__(self, run: Callable[[Callable[[StepEvent], None]], Awaitable[GenerateResponse]]):
+        self._events: asyncio.Queue[StepEvent | GenerateResponse | BaseException] = asyncio.Queue()
+        self._first: StepEvent | GenerateResponse | BaseException | None = None
+        self._task = asyncio.get_running_loop().create_task(self._main(run))
+
+    async def _main(self, run: Callable[[Callable[[StepEvent], None]], Awaitable[GenerateResponse]]) -> None:
+        try:
+            self._events.put_nowait(await run(self._events.put_nowait))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, who reports it
+            self._events.put_nowait(exc)
+
+    @classmethod
+    async def open(
+        cls, run: Callable[[Callable[[StepEvent], None]], Awaitable[GenerateResponse]]
+    ) -> GenerationStream:
+        """Start ``run(on_step)`` and wait for its first step; raises what failed before it."""
+        stream = cls(run)
+        try:
+            first = await stream._events.get()
+        except BaseException:  # cancelled: the client went away before the first step
+            stream.close()
+            raise
+        if isinstance(first, BaseException):
+            raise first
+        stream._first = first
+        return stream
+
+    async def __aiter__(self) -> AsyncIterator[StepEvent | GenerateResponse]:
+        try:
+            item = self._first
+            while True:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerateResponse):
+                    return
+                item = await self._events.get()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the generation if it still runs (its rows leave the denoiser batches)."""
+        if not self._task.done():
+            self._task.cancel()
+
+
+async def _sse(stream: GenerationStream) -> AsyncIterator[bytes]:
+    """``/generate``'s event stream: ``step`` events, then ``result`` (the non-streamed body) or
+    ``error`` (``{"error", "status"}``: what an unstreamed request would have been answered)."""
+    try:
+        async for item in stream:
+            if isinstance(item, StepEvent):
+                yield sse.encode_event(json.dumps(item.as_json(), separators=(",", ":")), event="step")
+            else:  # the same bytes FastAPI answers the unstreamed request with (its response_model dump)
+                yield sse.encode_event(item.model_dump_json(), event="result")
+    except InferenceError as exc:
+        yield sse.encode_event(json.dumps({"error": exc.message, "status": exc.status}), event="error")
+    except Exception as exc:  # noqa: BLE001 - the stream has started: the error goes in it
+        log.exception("streamed generation failed")
+        message = f"internal server error: {type(exc).__name__}: {exc}"
+        yield sse.encode_event(json.dumps({"error": message, "status": 500}), event="error")
+
+
+async def open_oip_stream(
+    served: Generator, parameters: dict[str, Any], backend: str | None
+) -> AsyncIterator[StreamResponse]:
+    """A generation over the Open Inference Protocol's streaming (gRPC ``ModelStreamInfer``, HTTP
+    ``generate_stream``): validates ``parameters`` (the :class:`GenerateRequest` fields and
+    ``preview_every``) and waits for the first step, raising :class:`InferenceError` before the stream
+    starts; then one response per step (parameters ``step``, ``steps``, ``t``; output ``preview``, PNG
+    BYTES, on preview steps) and a final one (outputs ``images``, PNG BYTES, and ``hallucination_scores``;
+    parameters ``seed``, ``sampler``, ``steps``, ``backend``, ``label`` when conditional)."""
+    for reserved in ("model", "version", "backend"):
+        if reserved in parameters:
+            raise InferenceError(
+                400,
+                f"generation parameter {reserved!r} is not allowed: the model and version are the request's, "
+                "the backend is the request parameter 'backend'",
+            )
+    try:
+        req = _OIPGenerateRequest(model=served.name, version=served.version, **parameters)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'parameters'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InferenceError(400, f"invalid generation parameters: {problems}") from None
+    resolved = served.resolve_backend(backend)
+    stream = await GenerationStream.open(
+        lambda on_step: _generate(served, resolved, req, on_step=on_step, preview_every=req.preview_every)
+    )
+    return _oip_responses(stream)
+
+
+async def _oip_responses(stream: GenerationStream) -> AsyncIterator[StreamResponse]:
+    async for item in stream:
+        if isinstance(item, StepEvent):
+            outputs = {} if item.preview is None else {"preview": np.array(item.preview, dtype=object)}
+            yield StreamResponse(outputs, {"step": item.step, "steps": item.steps, "t": item.t}, final=False)
+            continue
+        parameters: dict[str, Any] = {
+            "seed": item.seed, "sampler": item.sampler, "steps": item.steps, "backend": item.backend,
+        }  # fmt: skip
+        if item.label is not None:
+            parameters["label"] = item.label
+        outputs = {
+            "images": np.array([base64.b64decode(png) for png in item.images], dtype=object),
+            "hallucination_scores": np.array(item.hallucination_scores, dtype=np.float32),
+        }
+        yield StreamResponse(outputs, parameters, final=True)
+
+
 def router(repo: ModelRepository) -> APIRouter:
     api = APIRouter(tags=["generation"])
 
-    @api.post("/generate", response_model=GenerateResponse)
-    async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
-        """Sample digits with a diffusion sampler; optionally filter hallucinations by oversampling."""
-        return await generate_images(repo, req, request.is_disconnected)
+    @api.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses={
+            200: {
+                "content": {
+                    sse.MEDIA_TYPE: {
+                        "schema": {"type": "string"},
+                        "description": "With stream: `step` events, then `result` (this body) or `error`.",
+                    }
+                }
+            }
+        },
+    )
+    async def generate(
+        req: StreamedGenerateRequest, request: Request
+    ) -> GenerateResponse | StreamingResponse:
+        """Sample digits with a diffusion sampler; optionally filter hallucinations by oversampling, or
+        stream the steps with previews (``stream``)."""
+        if req.preview_every is not None and not req.stream:
+            raise InferenceError(400, "preview_every: only applies to a streamed request (stream: true)")
+        if not req.stream:
+            return await generate_images(repo, req, request.is_disconnected)
+        stream = await GenerationStream.open(
+            lambda on_step: generate_images(
+                repo, req, request.is_disconnected, on_step=on_step, preview_every=req.preview_every
+            )
+        )
+        return StreamingResponse(_sse(stream), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
     @api.post("/invert", response_model=InvertResponse)
     async def invert(req: InvertRequest) -> InvertResponse:

@@ -142,7 +142,8 @@ class GRPCInferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ModelStreamInfer(self, request_iterator, context):
-        """Triton: a stream of inference requests, one response (or error message) per request.
+        """Triton: a stream of inference requests, one response (or error message) per request; a decoupled
+        model (Kiln's diffusion generation) answers one request with a response per step, then a final one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

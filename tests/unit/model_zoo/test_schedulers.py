@@ -213,6 +213,26 @@ def test_full_loop_reference_values(name, kwargs, steps):
     assert result.images.abs().mean().item() == pytest.approx(mean_abs, rel=1e-9)
 
 
+@pytest.mark.parametrize("name, kwargs, steps", list(REFERENCES))
+def test_on_step_sees_every_step_and_changes_nothing(name, kwargs, steps):
+    """The streaming hook: one call per step with that step's x̂0 (the last ones are the result's
+    history), and the same images as without it."""
+    x_T = _noise(scales=(1.0, 0.6))
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def loop(on_step=None):
+        sampler = create_sampler(name, NoiseSchedule("linear"), **dict(kwargs))
+        generator = torch.Generator().manual_seed(0)
+        return sample_steps(sampler, x_T, num_inference_steps=steps, generator=generator, on_step=on_step)
+
+    plain = run_sampler(loop(), _toy_eps)
+    hooked = run_sampler(loop(lambda index, x0: seen.append((index, x0.clone()))), _toy_eps)
+    assert torch.equal(hooked.images, plain.images)
+    assert [index for index, _ in seen] == list(range(steps))
+    for (_, x0), kept in zip(seen[-len(hooked.x0_history) :], hooked.x0_history, strict=True):
+        assert torch.equal(x0, kept) and x0.shape == x_T.shape
+
+
 # -- time shift -----------------------------------------------------------------------------------------
 def _recorded_loop(sampler, x_T, steps, eps_fn=_toy_eps):
     seen = []

@@ -95,3 +95,34 @@ def test_a_lone_client_does_not_wait_for_the_window():
     assert rec.batches == [1, 1, 1]
     assert elapsed < 2.0  # a 2 s window was never waited for: no concurrent traffic to batch with
     batcher.close()
+
+
+def test_two_sampling_loops_share_batches_instead_of_alternating():
+    """Two sessions whose steps come one at a time join each other's batches. Each loop awaits between
+    its steps (a streamed step's event being sent, a disconnect check), so when one's batch ends the
+    other's step is the only one queued; before, it ran alone at once, and the two loops alternated
+    for good: every step a batch of one (80 batches here)."""
+    import time
+
+    class Slow(Recorder):
+        def __call__(self, inputs):
+            time.sleep(0.003)  # the runtime, in the batcher's thread
+            return super().__call__(inputs)
+
+    rec = Slow()
+    batcher = AdaptiveBatcher(rec, max_batch_size=8, window_ms=50, labels=LABELS)
+
+    async def loop(i, steps=40):
+        await asyncio.sleep(0.03 * i)  # the second starts a few steps after the first
+        with batcher.session(steps):
+            for _ in range(steps):
+                await batcher.submit({"x": np.full((1, 3), i, dtype=np.float32)})
+                await asyncio.sleep(0.001)  # what the loop awaits before asking for its next step
+
+    async def main():
+        await asyncio.gather(loop(0), loop(1))
+
+    asyncio.run(main())
+    assert sum(rec.batches) == 80
+    # in step once both run: one batch of both loops per step (about 45 batches in all)
+    assert len(rec.batches) <= 60, rec.batches
