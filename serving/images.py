@@ -120,9 +120,14 @@ def decode_image(image: Any, channels: int = 1) -> np.ndarray:
         arr = arr[0]
     if arr.ndim != 2 or min(arr.shape) < 1:
         raise InferenceError(400, f"`image` must be 2-D (H×W) grayscale; got shape {list(arr.shape)}")
-    if max(arr.shape) > MAX_IMAGE_SIDE:
+    return _checked_values(arr)
+
+
+def _checked_values(arr: np.ndarray) -> np.ndarray:
+    """``arr`` (…×H×W) once its sides, finiteness and [0, 1] range are within bounds; else a 400."""
+    if max(arr.shape[-2:]) > MAX_IMAGE_SIDE:
         raise InferenceError(
-            400, f"image is {arr.shape[1]}×{arr.shape[0]}; the limit is {MAX_IMAGE_SIDE} a side"
+            400, f"image is {arr.shape[-1]}×{arr.shape[-2]}; the limit is {MAX_IMAGE_SIDE} a side"
         )
     if not np.isfinite(arr).all():
         raise InferenceError(400, "`image` contains NaN or Inf")
@@ -146,15 +151,7 @@ def decode_rgb_image(image: Any) -> np.ndarray:
         raise InferenceError(
             400, f"`image` must be 3×H×W (RGB planes) or H×W×3; got shape {list(arr.shape)}"
         )
-    if max(arr.shape[-2:]) > MAX_IMAGE_SIDE:
-        raise InferenceError(
-            400, f"image is {arr.shape[-1]}×{arr.shape[-2]}; the limit is {MAX_IMAGE_SIDE} a side"
-        )
-    if not np.isfinite(arr).all():
-        raise InferenceError(400, "`image` contains NaN or Inf")
-    if arr.min() < 0.0 or arr.max() > 1.0:
-        raise InferenceError(400, f"`image` values must lie in [0, 1]; got [{arr.min():g}, {arr.max():g}]")
-    return arr
+    return _checked_values(arr)
 
 
 def _base64(text: str) -> bytes:
